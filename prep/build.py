@@ -1,0 +1,279 @@
+"""`prep build`: sources -> ChatML -> token ids -> mix -> pack -> shards + manifest.
+
+The story, top to bottom: check every setting before any work; load the tokenizer; for each source
+stream rows, render them and tokenize on a thread pool (tiktoken releases the GIL, so N threads
+use N cores while this thread reads and renders); apply the long-document policy; interleave the
+sources by token share; pack; write shards; write the manifest last.
+
+Results come back in submission order, so the same inputs and seed give the same bytes whatever
+`--workers` is. Peak memory is bounded by the packing window and the in-flight batches.
+"""
+
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from prep.mix import Doc, Mixer, parse_mix
+from prep.pack import BfdPacker, WrappedPacker
+from prep.render import render
+from prep.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, write_json_atomic
+from prep.sources import Reject, Source, iter_rows, resolve_sources, to_messages
+from prep.tokenize import DEFAULT_TOKENIZER, Encoder, load_encoder
+
+NUM_EXAMPLES = 5  # rejected rows shown per source
+
+
+@dataclass
+class BuildConfig:
+    mix: str = "nemotron=0.5,ot3=0.5"
+    """Target token shares, NAME=WEIGHT,...; names are presets (nemotron, ot3) or --source names."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """NAME -> SPEC overrides: hub id[:config:split], or a local file, directory or glob."""
+    sample: bool = False
+    """Read the embedded generated sample instead of the hub presets."""
+    out: str = "shards"
+    """Output directory for shard-NNNNN.arrow files and manifest.json."""
+    overwrite: bool = False
+    """Replace an existing build in `out`."""
+    tokenizer: str = DEFAULT_TOKENIZER
+    """Hub id or local directory of the tokenizer."""
+    seq_len: int = 32768
+    """Tokens per packed sequence."""
+    packing: str = "bfd"
+    """bfd (best-fit decreasing, documents kept whole) or wrapped (concatenate and cut)."""
+    long: str = "split"
+    """Documents longer than seq_len: split (no token lost), truncate, or drop."""
+    loss_on: str = "all"
+    """all (the recipe) or assistant (write a loss_mask covering assistant content only)."""
+    max_tokens: int | None = None
+    """Stop once this many tokens are mixed (the crossing document is kept whole)."""
+    max_bad_frac: float = 0.01
+    """Fail when a source rejects more than this fraction of its rows."""
+    rows_per_shard: int = 1024
+    """Sequences per shard file (1024 x 32k tokens = 128 MiB)."""
+    window: int = 256
+    """BFD window, in sequences: bigger packs tighter and holds more in memory (256 x 32k x 4 B = 32 MiB)."""
+    workers: int = 0
+    """Tokenizer threads; 0 = all cores. Output bytes do not depend on it."""
+    seed: int = 42
+    """Recorded for the trainer's shuffle; the build itself is deterministic without randomness."""
+    progress: bool = True
+    """Show a progress bar (only on a terminal)."""
+
+    def check(self) -> dict[str, float]:
+        """Validate everything a user can get wrong, before any work starts; returns the shares."""
+        shares = parse_mix(self.mix)
+        unknown = sorted(set(self.sources) - set(shares))
+        if unknown:
+            raise ValueError(f"--source names {', '.join(unknown)} which --mix doesn't use; add them to --mix")
+        choices = {"packing": ("bfd", "wrapped"), "long": ("split", "truncate", "drop"), "loss_on": ("all", "assistant")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+        if self.seq_len < 16:
+            raise ValueError("--seq-len must be at least 16")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ValueError("--max-tokens must be positive")
+        if not 0 <= self.max_bad_frac <= 1:
+            raise ValueError("--max-bad-frac must be between 0 and 1")
+        if self.rows_per_shard < 1 or self.window < 1 or self.workers < 0:
+            raise ValueError("--rows-per-shard and --window must be >= 1, --workers >= 0")
+        return shares
+
+
+@dataclass
+class SourceStats:
+    rows_read: int = 0
+    documents: int = 0
+    tokens: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)
+    truncated: int = 0
+    truncated_tokens: int = 0
+    dropped: int = 0
+    dropped_tokens: int = 0
+
+    def reject(self, row_number: int, reason: str) -> None:
+        self.rejected[reason] += 1
+        if len(self.examples) < NUM_EXAMPLES:
+            self.examples.append((row_number, reason))
+
+
+def tokenized_docs(index: int, source: Source, cfg: BuildConfig, encoder: Encoder,
+                   pool: ThreadPoolExecutor, stats: SourceStats, in_flight: int) -> Iterator[Doc]:
+    """Documents of one source, in row order, tokenized on the pool with `in_flight` rows ahead."""
+    assistant_only = cfg.loss_on == "assistant"
+
+    def encode(text: str, spans: list[tuple[int, int]]) -> Doc:
+        if not assistant_only:
+            return Doc(encoder.encode(text), None, index)
+        ids, starts = encoder.encode_with_starts(text)
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        for start, end in spans:
+            mask[(starts >= start) & (starts < end)] = 1
+        return Doc(ids, mask, index)
+
+    # Rows are accounted for when they leave the queue, so the counts stop exactly where the mixer stops.
+    queue: deque = deque()
+
+    def settle(row_number: int, item) -> Iterator[Doc]:
+        stats.rows_read += 1
+        if isinstance(item, Reject):
+            stats.reject(row_number, item.args[0])
+        else:
+            yield from _keep(item.result(), cfg, stats)
+
+    for row_number, row in enumerate(iter_rows(source.spec)):
+        try:
+            if isinstance(row, Reject):
+                raise row
+            text, spans = render(to_messages(row))
+            queue.append((row_number, pool.submit(encode, text, spans)))
+        except Reject as reject:
+            queue.append((row_number, reject))
+        if len(queue) >= in_flight:
+            yield from settle(*queue.popleft())
+    for item in queue:
+        yield from settle(*item)
+
+
+def _keep(doc: Doc, cfg: BuildConfig, stats: SourceStats) -> Iterator[Doc]:
+    """Apply --long truncate|drop (split happens in the packer) and count what's kept."""
+    n = len(doc.ids)
+    if n > cfg.seq_len and cfg.long == "drop":
+        stats.dropped += 1
+        stats.dropped_tokens += n
+        return
+    if n > cfg.seq_len and cfg.long == "truncate":
+        stats.truncated += 1
+        stats.truncated_tokens += n - cfg.seq_len
+        doc = Doc(doc.ids[: cfg.seq_len], None if doc.mask is None else doc.mask[: cfg.seq_len], doc.source)
+    stats.documents += 1
+    stats.tokens += len(doc.ids)
+    yield doc
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    existing = [p for p in out.glob("*") if p.name == MANIFEST or p.name.startswith("shard-")] if out.exists() else []
+    if existing and not overwrite:
+        raise ValueError(f"{out} already holds a build ({len(existing)} files); pass --overwrite or choose another --out")
+    for path in existing:
+        path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict:
+    """Run a build and return its manifest. Raises ValueError for anything the user must fix."""
+    shares = cfg.check()
+    sources = resolve_sources(list(shares), cfg.sources, cfg.sample)
+    out = Path(cfg.out)
+    prepare_out_dir(out, cfg.overwrite)
+    encoder = load_encoder(cfg.tokenizer)
+    workers = cfg.workers or os.cpu_count() or 1
+    log(f"tokenizer {cfg.tokenizer}: vocab {encoder.vocab_size}, encoder {encoder.kind}"
+        + (f" ({encoder.fallback_reason})" if encoder.fallback_reason else "") + f", {workers} threads")
+
+    stats = [SourceStats() for _ in sources]
+    packer = BfdPacker(cfg.seq_len, cfg.window) if cfg.packing == "bfd" else WrappedPacker(cfg.seq_len)
+    writer = ShardWriter(out, cfg.seq_len, encoder.pad_id, cfg.loss_on == "assistant", cfg.rows_per_shard)
+    num_sequences = num_pieces = 0
+    started = time.time()
+    progress = _progress(cfg)
+    with ThreadPoolExecutor(workers) as pool:
+        streams = [tokenized_docs(i, s, cfg, encoder, pool, stats[i], in_flight=4 * workers + 8)
+                   for i, s in enumerate(sources)]
+        mixer = Mixer(streams, [shares[s.name] for s in sources], cfg.max_tokens)
+
+        def packed():
+            for doc in mixer:
+                progress.update(len(doc.ids))
+                yield from packer.add(doc)
+            yield from packer.finish()
+
+        for seq in packed():
+            writer.write(seq)
+            num_sequences += 1
+            num_pieces += len(seq)
+        for stream in streams:
+            stream.close()  # stop reading sources the mixer no longer needs
+    progress.close()
+    shard_infos = writer.close()
+    seconds = time.time() - started
+
+    total_tokens = sum(mixer.tokens)
+    for source, st in zip(sources, stats):
+        bad = sum(st.rejected.values())
+        if st.rows_read and bad / st.rows_read > cfg.max_bad_frac:
+            raise ValueError(f"source {source.name!r} rejected {bad} of {st.rows_read} rows ({bad / st.rows_read:.1%}), "
+                             f"more than --max-bad-frac {cfg.max_bad_frac:g}: {dict(st.rejected)}; "
+                             f"first: {st.examples}. Fix the input or raise --max-bad-frac")
+    if total_tokens == 0:
+        raise ValueError("no document was produced: every source was empty or fully rejected")
+    rejected = sum((st.rejected for st in stats), Counter())
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "seq_len": cfg.seq_len,
+        "pad_id": encoder.pad_id,
+        "tokenizer": {"name": cfg.tokenizer, "vocab_size": encoder.vocab_size,
+                      "fingerprint": encoder.fingerprint, "encoder": encoder.kind},
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "progress", "overwrite")},
+        "loss_mask": cfg.loss_on == "assistant",
+        "stopped_by": "max_tokens" if mixer.exhausted is None else f"source {sources[mixer.exhausted].name!r} ran out",
+        "sources": [
+            {"name": s.name, "spec": s.spec, "weight": shares[s.name], "requested_share": shares[s.name],
+             "achieved_share": st.tokens / total_tokens, "rows_read": st.rows_read, "documents": st.documents,
+             "tokens": st.tokens, "rejected": dict(sorted(st.rejected.items())),
+             "rejected_examples": [{"row": r, "reason": why} for r, why in st.examples]}
+            for s, st in zip(sources, stats)
+        ],
+        "counts": {
+            "sequences": num_sequences,
+            "documents": sum(st.documents for st in stats),
+            "pieces": num_pieces,
+            "tokens": total_tokens,
+            "padding": num_sequences * cfg.seq_len - total_tokens,
+            "split": packer.num_split,
+            "truncated": sum(st.truncated for st in stats),
+            "truncated_tokens": sum(st.truncated_tokens for st in stats),
+            "dropped": sum(st.dropped for st in stats),
+            "dropped_tokens": sum(st.dropped_tokens for st in stats),
+            "rejected": dict(sorted(rejected.items())),
+        },
+        "shards": shard_infos,
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    log(summary(manifest, seconds))
+    return manifest
+
+
+def summary(manifest: dict, seconds: float) -> str:
+    c = manifest["counts"]
+    fill = c["tokens"] / max(1, c["sequences"] * manifest["seq_len"])
+    lines = [f"wrote {c['sequences']} sequences x {manifest['seq_len']} in {len(manifest['shards'])} shards: "
+             f"{c['tokens']:,} tokens from {c['documents']:,} documents, fill {fill:.2%}, "
+             f"{c['tokens'] / max(seconds, 1e-9) / 1e6:.2f} M tokens/s; stopped by {manifest['stopped_by']}"]
+    for s in manifest["sources"]:
+        lines.append(f"  {s['name']}: share {s['achieved_share']:.2%} (asked {s['requested_share']:.2%}), "
+                     f"{s['documents']:,} documents of {s['rows_read']:,} rows")
+        if s["rejected"]:
+            lines.append(f"    rejected {sum(s['rejected'].values())}: {s['rejected']}; first rows: "
+                         + ", ".join(f"#{e['row']} {e['reason']}" for e in s["rejected_examples"]))
+    lines.append(f"  split {c['split']}, truncated {c['truncated']} ({c['truncated_tokens']:,} tokens), "
+                 f"dropped {c['dropped']} ({c['dropped_tokens']:,} tokens)")
+    return "\n".join(lines)
+
+
+def _progress(cfg: BuildConfig):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="prep build",
+                disable=not (cfg.progress and sys.stderr.isatty()))
