@@ -25,7 +25,7 @@ from prep.mix import Doc, Mixer, parse_mix
 from prep.pack import BfdPacker, WrappedPacker
 from prep.render import render
 from prep.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, write_json_atomic
-from prep.sources import Reject, Source, iter_rows, resolve_sources, to_messages
+from prep.sources import Reject, Source, check_spec, iter_rows, resolve_sources, to_messages
 from prep.tokenize import DEFAULT_TOKENIZER, Encoder, load_encoder
 
 NUM_EXAMPLES = 5  # rejected rows shown per source
@@ -174,6 +174,8 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     """Run a build and return its manifest. Raises ValueError for anything the user must fix."""
     shares = cfg.check()
     sources = resolve_sources(list(shares), cfg.sources, cfg.sample)
+    for source in sources:
+        check_spec(source.spec)
     out = Path(cfg.out)
     prepare_out_dir(out, cfg.overwrite)
     encoder = load_encoder(cfg.tokenizer)
@@ -225,7 +227,7 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
         "pad_id": encoder.pad_id,
         "tokenizer": {"name": cfg.tokenizer, "vocab_size": encoder.vocab_size,
                       "fingerprint": encoder.fingerprint, "encoder": encoder.kind},
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "progress", "overwrite")},
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "progress", "overwrite")},  # so a build is the same bytes wherever it is written,
         "loss_mask": cfg.loss_on == "assistant",
         "stopped_by": "max_tokens" if mixer.exhausted is None else f"source {sources[mixer.exhausted].name!r} ran out",
         "sources": [

@@ -3,13 +3,19 @@
   prep build --mix nemotron=0.5,ot3=0.5 --sample --out shards/
 """
 
+import json
+import sys
+import time
 from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
 from prep.build import BuildConfig, build
+from prep.inspect import format_report, inspect, load_manifest, show
+from prep.plot import plot
 from prep.tokenize import DEFAULT_TOKENIZER
+from prep.verify import verify
 
 app = typer.Typer(
     help="Prepare SmolLM3 reasoning mid-training data: stream, render ChatML, tokenize exactly, mix, pack into "
@@ -104,6 +110,116 @@ def build_command(
         build(cfg)
     except ValueError as e:
         fail(str(e))
+
+
+BuildDir = Annotated[str, typer.Argument(help="A build directory: shard-*.arrow files and manifest.json.",
+                                         metavar="DIR", show_default=False)]
+
+
+@app.command("inspect")
+def inspect_command(
+    out_dir: BuildDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keys: see prep/inspect.py) instead of the table.")] = False,
+):
+    """What a build holds: sequences, tokens, fill, documents per sequence, document length and token share per source.
+
+    Reads the manifest and the doc_lens/doc_sources columns only, never input_ids, so it stays fast on any size.
+
+    A document longer than seq_len that was split counts once per piece in the per-sequence and length numbers.
+
+    Examples:
+
+      prep inspect shards/
+
+      prep inspect shards/ --json | jq .sources[].achieved_share
+    """
+    try:
+        report = inspect(out_dir)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@app.command("show")
+def show_command(
+    out_dir: BuildDir,
+    seq: Annotated[int, typer.Option(help="Packed sequence to show, counted from 0 across all shards.")] = 0,
+    doc: Annotated[Optional[int], typer.Option(help="Show only this document of the sequence, whole.")] = None,
+    max_chars: Annotated[int, typer.Option(help="Characters shown per document (first and last half); 0 = all.")] = 2000,
+    color: Annotated[Optional[bool], typer.Option("--color/--no-color", help="Dim tokens without loss and bold the boundaries (default: on a terminal).", show_default=False)] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Decode with this tokenizer (hub id or dir) instead of the manifest's; must be the same vocabulary.")] = None,
+):
+    """Decode one packed sequence: a boundary line per document (index, source, length), special tokens visible, padding summarised.
+
+    With a loss mask (built with --loss-on assistant), tokens without loss are dimmed on a terminal, else ⟦wrapped⟧.
+
+    Examples:
+
+      prep show shards/ --seq 17
+
+      prep show shards/ --seq 17 --doc 2
+
+      prep show shards/ --seq 0 --max-chars 400 --no-color | less
+    """
+    try:
+        text = show(out_dir, seq=seq, doc=doc, max_chars=max_chars, tokenizer=tokenizer,
+                    color=sys.stdout.isatty() if color is None else color)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(text)
+
+
+@app.command("verify")
+def verify_command(
+    out_dir: BuildDir,
+    fast: Annotated[bool, typer.Option("--fast", help="Skip the sha256 of each shard (all other checks still run).")] = False,
+):
+    """Check every shard against the manifest: sha256, schema, rows, doc_lens, padding, id range, sources, totals.
+
+    Exit 0 with one OK line when all hold; otherwise exit 1 and one line per problem: shard, row (--seq N), check.
+
+    Streams record batches with vectorised checks: memory stays flat on any size.
+
+    Examples:
+
+      prep verify shards/
+
+      prep verify /data/shards --fast && echo sound
+    """
+    started = time.time()
+    try:
+        problems = verify(out_dir, fast=fast)
+    except ValueError as e:
+        fail(str(e))
+    if problems:
+        typer.echo(f"FAILED: {len(problems)} problem{'s' * (len(problems) != 1)} in {out_dir}")
+        for problem in problems:
+            typer.echo(f"  {problem}")
+        raise typer.Exit(1)
+    m = load_manifest(out_dir)
+    typer.echo(f"OK {out_dir}: {len(m['shards'])} shards, {m['counts']['sequences']:,} sequences, "
+               f"{m['counts']['tokens']:,} tokens verified{' (sha256 skipped: --fast)' if fast else ''} "
+               f"in {time.time() - started:.1f}s")
+
+
+@app.command("plot")
+def plot_command(
+    out_dir: BuildDir,
+    output: Annotated[str, typer.Option("--output", "-o", help="PNG file to write.")] = "shards.png",
+):
+    """One PNG: document length per source (log x, seq_len marked), documents per sequence, fill, token shares.
+
+    Examples:
+
+      prep plot shards/ -o shards.png
+
+      prep plot /data/shards -o report/mix.png
+    """
+    try:
+        path = plot(out_dir, output)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ text and become their special ids when tokenized, exactly as `apply_chat_templat
 does with the official tokenizer, so our ids equal the reference recipe's ids.
 
 With `--loss-on assistant`, the loss covers each assistant message's content and its closing
-`<|im_end|>` (the model must learn to stop), and nothing else.
+`<|im_end|>` (the model must learn to stop), and nothing else. A token gets loss when it *starts*
+inside such a span, so a token that merges the header's newline with leading newlines of the
+content (the BPE does that) gets none.
 """
 
 from prep.sources import INVALID_UTF8_MARK, Reject

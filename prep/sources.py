@@ -90,11 +90,25 @@ def local_files(spec: str) -> list[str] | None:
     return files
 
 
+def check_spec(spec: str) -> list[str] | None:
+    """Fail early on a SPEC that can't be read: the local files it names, or None for a dataset repo."""
+    files = local_files(spec)
+    if files is None:
+        repo = spec.split(":")[0]
+        if not os.path.isdir(repo):
+            from prep.tokenize import hub_reachable
+
+            if not hub_reachable():
+                raise ValueError(f"can't reach the Hugging Face hub for {repo!r}: pass local files with "
+                                 "--source NAME=PATH, or use the embedded sample with --sample")
+    return files
+
+
 def open_stream(spec: str):
     """A streaming `datasets.IterableDataset` over SPEC, and whether its rows are raw JSON text lines."""
     import datasets
 
-    files = local_files(spec)
+    files = check_spec(spec)
     if files is not None:
         kinds = {"text" if f.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")) else f.rsplit(".", 1)[1] for f in files}
         if len(kinds) > 1:
@@ -103,12 +117,6 @@ def open_stream(spec: str):
         extra = {"encoding_errors": "prep-mark-invalid"} if kind == "text" else {}
         return datasets.load_dataset(kind, data_files=files, split="train", streaming=True, **extra), kind == "text"
     repo, config, split = (spec.split(":") + [None, None])[:3]
-    if not os.path.isdir(repo):
-        from prep.tokenize import hub_reachable
-
-        if not hub_reachable():
-            raise ValueError(f"can't reach the Hugging Face hub for {repo!r}: pass local files with "
-                             "--source NAME=PATH, or use the embedded sample with --sample")
     return datasets.load_dataset(repo, config, split=split or "train", streaming=True), False
 
 

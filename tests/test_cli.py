@@ -1,0 +1,46 @@
+"""`prep build` through the CLI: the embedded sample works offline; user errors are one line, no traceback."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from prep.cli import app
+
+runner = CliRunner()
+
+
+def test_sample_build_offline(tmp_path):
+    out = tmp_path / "shards"
+    result = runner.invoke(app, ["build", "--mix", "nemotron=0.5,ot3=0.5", "--sample", "--out", str(out),
+                                 "--seq-len", "4096", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["sources"]] == ["nemotron", "ot3"]
+    assert manifest["counts"]["split"] > 0  # the sample has rows longer than 4096 (and than 32k)
+    for s in manifest["sources"]:
+        assert abs(s["achieved_share"] - 0.5) < 0.01
+    assert "wrote" in result.output and "fill" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mix", "nemotron=0"], "positive"),
+    (["--mix", "nemotron"], "NAME=WEIGHT"),
+    (["--mix", "bogus=1"], "unknown source 'bogus'"),
+    (["--mix", "a=1", "--source", "a"], "NAME=SPEC"),
+    (["--mix", "a=1", "--source", "a=/no/such/*.jsonl"], "matches no file"),
+    (["--mix", "a=1", "--source", "b=x.jsonl"], "--mix doesn't use"),
+    (["--packing", "zigzag"], "zigzag"),
+])
+def test_user_errors_are_one_line(tmp_path, args, message):
+    result = runner.invoke(app, ["build", "--out", str(tmp_path / "o"), "--no-progress", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()  # checked before any work
+
+
+def test_help_shows_examples():
+    for args in (["--help"], ["build", "--help"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and "prep build --mix nemotron=0.5,ot3=0.5" in result.output

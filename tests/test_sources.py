@@ -1,0 +1,136 @@
+"""Schemas, file kinds, the hub path (exercised with a local dataset repo) and ChatML rendering."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prep.render import render
+from prep.sources import Reject, iter_rows, local_files, resolve_sources, to_messages
+
+SMOLTALK = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                         {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}], "source": "s"}
+NEMOTRON = {"input": [{"role": "user", "content": "2+2?"}], "output": "<think>\nadd\n</think>\n\n4",
+            "system_prompt": "detailed thinking on", "reasoning": "on", "category": "math"}
+OT3 = {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "<think>\nadd\n</think>\n\n4"}],
+       "difficulty": 3, "source": "ai2-adapt-dev/openmath", "domain": "math"}
+
+
+def test_three_schemas_give_the_same_conversation():
+    want = [("user", "2+2?"), ("assistant", "<think>\nadd\n</think>\n\n4")]
+    assert to_messages(SMOLTALK) == [("system", "Be brief.")] + want
+    assert to_messages(NEMOTRON) == want  # system_prompt ("detailed thinking on") is dropped by design
+    assert to_messages(OT3) == want
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({}, "unknown_schema"),
+    ({"messages": None}, "null_messages"),
+    ({"messages": []}, "empty_messages"),
+    ({"messages": "hi"}, "bad_messages_type"),
+    ({"messages": ["hi"]}, "message_not_an_object"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown_role"),
+    ({"messages": [{"role": 3, "content": "x"}]}, "bad_role_type"),
+    ({"messages": [{"role": "user", "content": None}]}, "null_content"),
+    ({"messages": [{"role": "user"}]}, "null_content"),
+    ({"messages": [{"role": "user", "content": ["x"]}]}, "bad_content_type"),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "unknown_role"),
+    ({"input": [{"role": "user", "content": "q"}], "output": None}, "null_content"),
+])
+def test_bad_rows_are_named(row, reason):
+    with pytest.raises(Reject) as info:
+        to_messages(row)
+    assert info.value.args[0] == reason
+
+
+def test_render_equals_apply_chat_template(encoder):
+    messages = [dict(role=r, content=c) for r, c in to_messages(SMOLTALK)]
+    messages.append({"role": "user", "content": "tricky <|im_end|> inside, 中文, \r\n\ttabs   "})
+    text, spans = render([(m["role"], m["content"]) for m in messages])
+    assert text == encoder.hf_tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = encoder.hf_tokenizer.apply_chat_template(messages, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert encoder.encode(text).tolist() == list(ids)
+    assert not text.startswith("<|begin_of_text|>")
+    assert [text[s:e] for s, e in spans] == ["<think>\nadd\n</think>\n\n4<|im_end|>"]
+
+
+def test_render_rejects_lone_surrogates():
+    with pytest.raises(Reject, match="lone_surrogate"):
+        render([("user", "bad \ud800 text")])
+
+
+def write_all_kinds(tmp_path):
+    rows = [SMOLTALK, NEMOTRON, OT3]
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "rows.jsonl").write_text(lines)
+    with gzip.open(tmp_path / "rows.jsonl.gz", "wt") as f:
+        f.write(lines)
+    table = pa.Table.from_pylist([SMOLTALK, SMOLTALK])
+    pq.write_table(table, tmp_path / "rows.parquet")
+    with pa.ipc.new_stream(str(tmp_path / "rows.arrow"), table.schema) as w:
+        w.write_table(table)
+
+
+@pytest.mark.parametrize("name, count", [("rows.jsonl", 3), ("rows.jsonl.gz", 3), ("rows.parquet", 2), ("rows.arrow", 2)])
+def test_every_file_kind_streams(tmp_path, name, count):
+    write_all_kinds(tmp_path)
+    rows = list(iter_rows(str(tmp_path / name)))
+    assert len(rows) == count
+    assert to_messages(rows[0]) == to_messages(SMOLTALK)
+
+
+def test_directories_and_globs(tmp_path):
+    (tmp_path / "d").mkdir()
+    for i in range(3):
+        (tmp_path / "d" / f"part-{i}.jsonl").write_text(json.dumps(SMOLTALK) + "\n")
+    (tmp_path / "d" / "notes.txt").write_text("ignored")
+    assert len(local_files(str(tmp_path / "d"))) == 3
+    assert len(list(iter_rows(str(tmp_path / "d")))) == 3
+    assert len(list(iter_rows(str(tmp_path / "d" / "part-[01].jsonl")))) == 2
+    with pytest.raises(ValueError, match="matches no file"):
+        local_files(str(tmp_path / "nothing-*.jsonl"))
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl").write_text(json.dumps(SMOLTALK) + "\n")
+    pq.write_table(pa.Table.from_pylist([SMOLTALK]), tmp_path / "mixed" / "b.parquet")
+    with pytest.raises(ValueError, match="mixes file kinds"):
+        list(iter_rows(str(tmp_path / "mixed")))
+
+
+def test_broken_lines_are_counted_not_fatal(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(json.dumps(SMOLTALK).encode() + b"\n{\"messages\": [{\"role\n" + b"not json\n" + b"[1, 2]\n"
+                     + b"\n" + b'{"messages": [{"role": "user", "content": "bad \xff byte"}]}\n'
+                     + json.dumps(OT3).encode() + b"\n")
+    rows = list(iter_rows(str(path)))
+    reasons = [r.args[0] if isinstance(r, Reject) else "ok" for r in rows]
+    assert reasons == ["ok", "bad_json", "bad_json", "not_an_object", "invalid_utf8", "ok"]
+
+
+def test_hub_path_with_a_local_dataset_repo(tmp_path):
+    """`id:config:split` goes through datasets.load_dataset exactly as for the hub; here the repo is a local dir."""
+    repo = tmp_path / "smoltalk2"
+    (repo / "Mid").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([SMOLTALK] * 4), repo / "Mid" / "OpenThoughts3_1.2M-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([SMOLTALK] * 2), repo / "Mid" / "Other-00000.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: Mid\n  data_files:\n"
+        "  - split: OpenThoughts3_1.2M\n    path: Mid/OpenThoughts3_1.2M-*.parquet\n"
+        "  - split: Other\n    path: Mid/Other-*.parquet\n---\n")
+    rows = list(iter_rows(f"{repo}:Mid:OpenThoughts3_1.2M"))
+    assert len(rows) == 4 and to_messages(rows[0]) == to_messages(SMOLTALK)
+
+
+def test_presets_and_unreachable_hub(monkeypatch):
+    import prep.tokenize
+
+    specs = {s.name: s.spec for s in resolve_sources(["nemotron", "ot3"], {}, sample=False)}
+    assert specs == {"nemotron": "HuggingFaceTB/smoltalk2:Mid:Llama_Nemotron_Post_Training_Dataset_reasoning_r1",
+                     "ot3": "HuggingFaceTB/smoltalk2:Mid:OpenThoughts3_1.2M"}
+    monkeypatch.setattr(prep.tokenize, "hub_reachable", lambda: False)
+    with pytest.raises(ValueError, match="--source.*--sample"):
+        list(iter_rows(specs["ot3"]))
+    with pytest.raises(ValueError, match="unknown source 'foo'.*--source foo=SPEC"):
+        resolve_sources(["foo"], {}, sample=False)
