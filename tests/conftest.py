@@ -1,9 +1,14 @@
 """Shared fixtures: the SmolLM3 encoder (built offline once, cached) and small generated corpora."""
 
 import json
+import os
 import random
+import tempfile
 
 import pytest
+
+# Hermetic: every run builds SmolLM3's tokenizer offline into its own cache, as a fresh machine does.
+os.environ.setdefault("PREP_CACHE", tempfile.mkdtemp(prefix="prep-cache-"))
 
 WORDS = ("the so we have Wait let me check again denominator équation naïve 中文 数学 😀 x^2 \\frac{1}{2} "
          "def return ( ) { } = + - 0 1 2 3 42 3.14 \n \n\n \t").split(" ")

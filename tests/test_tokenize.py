@@ -87,9 +87,9 @@ def test_local_directory_and_fallback(encoder, tmp_path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from prep.tokenize import load_encoder
+    from prep.tokenize import load_encoder, load_hf_tokenizer
 
-    encoder.hf_tokenizer.save_pretrained(tmp_path / "smol")
+    load_hf_tokenizer().save_pretrained(tmp_path / "smol")
     local = load_encoder(str(tmp_path / "smol"))
     assert local.kind == "tiktoken" and local.fingerprint == encoder.fingerprint
 
@@ -97,11 +97,11 @@ def test_local_directory_and_fallback(encoder, tmp_path):
     other = Tokenizer(models.BPE(vocab, [("a", "b")], unk_token="[UNK]"))
     other.normalizer = normalizers.Lowercase()
     other.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=other, pad_token="[UNK]")
-    fallback = Encoder(fast, "toy")
+    PreTrainedTokenizerFast(tokenizer_object=other, pad_token="c").save_pretrained(tmp_path / "toy")
+    fallback = Encoder(tmp_path / "toy" / "tokenizer.json", "toy")
     assert fallback.kind == "tokenizers" and "normalizer" in fallback.fallback_reason
     assert fallback.encode("AB c").tolist() == [3, 4]
-    assert fallback.fingerprint != encoder.fingerprint
+    assert fallback.fingerprint != encoder.fingerprint and fallback.pad_id == 4
 
 
 def test_offline_build_is_cached_and_announced(tmp_path, monkeypatch, capsys):
@@ -115,6 +115,18 @@ def test_offline_build_is_cached_and_announced(tmp_path, monkeypatch, capsys):
     assert first.chat_template == CHATML_TEMPLATE
     with pytest.raises(ValueError, match="--tokenizer"):
         tok.load_hf_tokenizer("someone/other-model")
+
+
+def test_cached_encoder_equals_fresh(encoder, tmp_path, monkeypatch):
+    """The tiktoken ranks cached per tokenizer.json give the same ids as the freshly checked twin."""
+    monkeypatch.setenv("PREP_CACHE", str(tmp_path))
+    fresh = Encoder(encoder.tokenizer_json, "smol")
+    cached = Encoder(encoder.tokenizer_json, "smol")
+    assert len(list((tmp_path / "encoders").glob("*.tiktoken"))) == 1
+    assert cached.kind == fresh.kind == "tiktoken" and cached.fingerprint == fresh.fingerprint
+    for text in wide_texts():
+        assert cached.encode(text).tolist() == fresh.encode(text).tolist() == encoder.backend.encode(
+            text, add_special_tokens=False).ids
 
 
 def test_encode_returns_uint32(encoder):
