@@ -9,8 +9,9 @@ Results come back in submission order, so the same inputs and seed give the same
 `--workers` is. Peak memory is bounded by the packing window and the in-flight batches.
 """
 
+import hashlib
+import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter, deque
@@ -25,7 +26,8 @@ from prep.mix import Doc, Mixer, parse_mix
 from prep.pack import BfdPacker, WrappedPacker
 from prep.render import render
 from prep.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, write_json_atomic
-from prep.sources import Reject, Source, check_spec, iter_rows, resolve_sources, to_messages
+from prep import state
+from prep.sources import Reject, Source, check_spec, iter_rows, local_files, resolve_sources, to_messages
 from prep.tokenize import DEFAULT_TOKENIZER, Encoder, load_encoder
 
 NUM_EXAMPLES = 5  # rejected rows shown per source
@@ -101,6 +103,13 @@ class SourceStats:
     dropped: int = 0
     dropped_tokens: int = 0
 
+    def to_dict(self) -> dict:
+        return asdict(self) | {"rejected": dict(self.rejected)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SourceStats":
+        return cls(**(d | {"rejected": Counter(d["rejected"]), "examples": [tuple(e) for e in d["examples"]]}))
+
     def reject(self, row_number: int, reason: str) -> None:
         self.rejected[reason] += 1
         if len(self.examples) < NUM_EXAMPLES:
@@ -131,7 +140,7 @@ def tokenized_docs(index: int, source: Source, cfg: BuildConfig, encoder: Encode
         else:
             yield from _keep(item.result(), cfg, stats)
 
-    for row_number, row in enumerate(iter_rows(source.spec)):
+    for row_number, row in enumerate(iter_rows(source.spec, start=stats.rows_read), start=stats.rows_read):
         try:
             if isinstance(row, Reject):
                 raise row
@@ -161,54 +170,119 @@ def _keep(doc: Doc, cfg: BuildConfig, stats: SourceStats) -> Iterator[Doc]:
     yield doc
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    existing = [p for p in out.glob("*") if p.name == MANIFEST or p.name.startswith("shard-")] if out.exists() else []
-    if existing and not overwrite:
-        raise ValueError(f"{out} already holds a build ({len(existing)} files); pass --overwrite or choose another --out")
-    for path in existing:
-        path.unlink()
+def open_out_dir(out: Path, overwrite: bool, build_id: str, inputs: list) -> tuple[dict | None, tuple | None]:
+    """Make `out` ready. Returns (manifest, None) when this very build is already finished there,
+    (None, saved state) when a killed run of it can be resumed, and (None, None) for a fresh start."""
+    ours = [p for p in out.iterdir() if p.name == MANIFEST or p.name.startswith(("shard-", ".prep-state"))] \
+        if out.is_dir() else []
+    if overwrite:
+        for path in ours:
+            path.unlink()
+        ours = []
+    if (out / MANIFEST).exists():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("build_id") != build_id:
+            raise ValueError(f"{out} holds a finished build with other settings; pass --overwrite or choose another --out")
+        state.clear(out)
+        return manifest, None
+    saved = state.load(out)
+    if saved is not None:
+        meta = saved[0]
+        if meta["build_id"] != build_id:
+            raise ValueError(f"{out} holds an unfinished build with other settings; rerun it with its own settings, "
+                             "or pass --overwrite to start over")
+        if meta["inputs"] != inputs:
+            raise ValueError(f"the input files changed since the unfinished build in {out} started; "
+                             "pass --overwrite to start over")
+        done = {s["file"] for s in meta["shards"]}
+        for path in out.glob("shard-*"):  # written after the last saved state: it will be written again
+            if path.name not in done:
+                path.unlink()
+        return None, saved
+    if ours:
+        raise ValueError(f"{out} holds shard files of an unknown build; pass --overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    return None, None
+
+
+def input_files(sources: list[Source]) -> list:
+    """Path, size and mtime of every local input: a resumed build must read the same data."""
+    files = []
+    for source in sources:
+        for path in local_files(source.spec) or []:
+            st = os.stat(path)
+            files.append([path, st.st_size, st.st_mtime_ns])
+    return files
 
 
 def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict:
-    """Run a build and return its manifest. Raises ValueError for anything the user must fix."""
+    """Run (or resume, or recognise as done) a build and return its manifest.
+    Raises ValueError for anything the user must fix."""
     shares = cfg.check()
     sources = resolve_sources(list(shares), cfg.sources, cfg.sample)
     for source in sources:
         check_spec(source.spec)
-    out = Path(cfg.out)
-    prepare_out_dir(out, cfg.overwrite)
     encoder = load_encoder(cfg.tokenizer)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "progress", "overwrite")}
+    identity = json.dumps({"settings": settings, "tokenizer": encoder.fingerprint}, sort_keys=True)
+    build_id = "sha256:" + hashlib.sha256(identity.encode()).hexdigest()
+    inputs = input_files(sources)
+    out = Path(cfg.out)
+    finished, saved = open_out_dir(out, cfg.overwrite, build_id, inputs)
+    if finished is not None:
+        log(f"{out} already holds this build (same settings and tokenizer): nothing to do")
+        return finished
     workers = cfg.workers or os.cpu_count() or 1
     log(f"tokenizer {cfg.tokenizer}: vocab {encoder.vocab_size}, encoder {encoder.kind}"
         + (f" ({encoder.fallback_reason})" if encoder.fallback_reason else "") + f", {workers} threads")
 
     stats = [SourceStats() for _ in sources]
     packer = BfdPacker(cfg.seq_len, cfg.window) if cfg.packing == "bfd" else WrappedPacker(cfg.seq_len)
-    writer = ShardWriter(out, cfg.seq_len, encoder.pad_id, cfg.loss_on == "assistant", cfg.rows_per_shard)
-    num_sequences = num_pieces = 0
+    writer = ShardWriter(out, cfg.seq_len, encoder.pad_id, cfg.loss_on == "assistant", cfg.rows_per_shard, build_id)
+    counts = {"sequences": 0, "pieces": 0}
+    mixer_tokens = [0] * len(sources)
+    if saved is not None:
+        meta, ready, open_, pending = saved
+        stats = [SourceStats.from_dict(d) for d in meta["stats"]]
+        packer.restore(ready, open_, pending, meta["num_split"])
+        writer.shards, counts, mixer_tokens = meta["shards"], meta["counts"], meta["mixer_tokens"]
+        log(f"resuming the unfinished build in {out}: {len(writer.shards)} shards done, "
+            f"rows {[st.rows_read for st in stats]} read")
+
+    def save_state():
+        meta = {"build_id": build_id, "inputs": inputs, "shards": writer.shards, "counts": counts,
+                "mixer_tokens": mixer.tokens, "num_split": packer.num_split, "stats": [st.to_dict() for st in stats]}
+        state.save(out, meta, *packer.state())
+
     started = time.time()
-    progress = _progress(cfg)
+    progress = _progress(cfg, initial=sum(mixer_tokens))
     with ThreadPoolExecutor(workers) as pool:
         streams = [tokenized_docs(i, s, cfg, encoder, pool, stats[i], in_flight=4 * workers + 8)
                    for i, s in enumerate(sources)]
-        mixer = Mixer(streams, [shares[s.name] for s in sources], cfg.max_tokens)
+        mixer = Mixer(streams, [shares[s.name] for s in sources], cfg.max_tokens, mixer_tokens)
+        writer.on_shard = save_state
+        if saved is None:
+            save_state()  # from here on, a directory with shards always has a state or a manifest
 
-        def packed():
-            for doc in mixer:
-                progress.update(len(doc.ids))
-                yield from packer.add(doc)
-            yield from packer.finish()
+        def write_ready():
+            while packer.ready:
+                seq = packer.ready.popleft()
+                counts["sequences"] += 1
+                counts["pieces"] += len(seq)
+                writer.write(seq)  # may finish a shard, which saves the state
 
-        for seq in packed():
-            writer.write(seq)
-            num_sequences += 1
-            num_pieces += len(seq)
+        for doc in mixer:
+            progress.update(len(doc.ids))
+            packer.add(doc)
+            write_ready()
+        packer.finish()
+        write_ready()
         for stream in streams:
             stream.close()  # stop reading sources the mixer no longer needs
     progress.close()
     shard_infos = writer.close()
     seconds = time.time() - started
+    num_sequences, num_pieces = counts["sequences"], counts["pieces"]
 
     total_tokens = sum(mixer.tokens)
     for source, st in zip(sources, stats):
@@ -223,11 +297,12 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "build_id": build_id,
         "seq_len": cfg.seq_len,
         "pad_id": encoder.pad_id,
         "tokenizer": {"name": cfg.tokenizer, "vocab_size": encoder.vocab_size,
                       "fingerprint": encoder.fingerprint, "encoder": encoder.kind},
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "progress", "overwrite")},  # so a build is the same bytes wherever it is written,
+        "settings": settings,  # without out/workers/progress: the same build is the same bytes wherever it is written
         "loss_mask": cfg.loss_on == "assistant",
         "stopped_by": "max_tokens" if mixer.exhausted is None else f"source {sources[mixer.exhausted].name!r} ran out",
         "sources": [
@@ -253,6 +328,7 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
         "shards": shard_infos,
     }
     write_json_atomic(out / MANIFEST, manifest)
+    state.clear(out)
     log(summary(manifest, seconds))
     return manifest
 
@@ -274,8 +350,8 @@ def summary(manifest: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def _progress(cfg: BuildConfig):
+def _progress(cfg: BuildConfig, initial: int):
     from tqdm import tqdm
 
-    return tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="prep build",
+    return tqdm(total=cfg.max_tokens, initial=initial, unit="tok", unit_scale=True, desc="prep build",
                 disable=not (cfg.progress and sys.stderr.isatty()))

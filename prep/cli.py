@@ -119,7 +119,8 @@ BuildDir = Annotated[str, typer.Argument(help="A build directory: shard-*.arrow 
 @app.command("inspect")
 def inspect_command(
     out_dir: BuildDir,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keys: see prep/inspect.py) instead of the table.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object instead of the table (keys documented in prep/inspect.py).")] = False,
 ):
     """What a build holds: sequences, tokens, fill, documents per sequence, document length and token share per source.
 
@@ -131,7 +132,7 @@ def inspect_command(
 
       prep inspect shards/
 
-      prep inspect shards/ --json | jq .sources[].achieved_share
+      prep inspect shards/ --json | jq '.sources[] | {name, requested_share, achieved_share}'
     """
     try:
         report = inspect(out_dir)
@@ -146,12 +147,15 @@ def show_command(
     seq: Annotated[int, typer.Option(help="Packed sequence to show, counted from 0 across all shards.")] = 0,
     doc: Annotated[Optional[int], typer.Option(help="Show only this document of the sequence, whole.")] = None,
     max_chars: Annotated[int, typer.Option(help="Characters shown per document (first and last half); 0 = all.")] = 2000,
-    color: Annotated[Optional[bool], typer.Option("--color/--no-color", help="Dim tokens without loss and bold the boundaries (default: on a terminal).", show_default=False)] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Decode with this tokenizer (hub id or dir) instead of the manifest's; must be the same vocabulary.")] = None,
+    color: Annotated[Optional[bool], typer.Option(
+        "--color/--no-color", show_default=False,
+        help="Dim tokens without loss and bold the boundaries (default: when printing to a terminal).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(
+        help="Decode with this tokenizer (hub id or dir) instead of the manifest's; must be the same vocabulary.")] = None,
 ):
-    """Decode one packed sequence: a boundary line per document (index, source, length), special tokens visible, padding summarised.
+    """Decode one packed sequence, document by document, with special tokens visible and padding summarised.
 
-    With a loss mask (built with --loss-on assistant), tokens without loss are dimmed on a terminal, else ⟦wrapped⟧.
+    Each document starts with a boundary line naming its index, source and length. With a loss mask (built with --loss-on assistant), tokens without loss are dimmed on a terminal, else ⟦wrapped⟧.
 
     Examples:
 
@@ -205,7 +209,7 @@ def verify_command(
 @app.command("plot")
 def plot_command(
     out_dir: BuildDir,
-    output: Annotated[str, typer.Option("--output", "-o", help="PNG file to write.")] = "shards.png",
+    output: Annotated[str, typer.Option("--output", "-o", help="PNG file to write (.svg and .pdf work too).")] = "shards.png",
 ):
     """One PNG: document length per source (log x, seq_len marked), documents per sequence, fill, token shares.
 
@@ -219,6 +223,8 @@ def plot_command(
         path = plot(out_dir, output)
     except ValueError as e:
         fail(str(e))
+    except OSError as e:
+        fail(f"can't write {output}: {e.strerror or e}")
     typer.echo(f"wrote {path}")
 
 

@@ -44,7 +44,7 @@ LAYOUT_COLUMNS = ["doc_lens", "doc_sources"]
 
 
 def load_manifest(out_dir) -> dict:
-    """read_manifest, plus a readable error for a damaged manifest.json and for unsafe shard names."""
+    """read_manifest, plus a one-line error for a manifest.json that is not JSON or lacks a key."""
     try:
         manifest = read_manifest(Path(out_dir))
     except json.JSONDecodeError as e:
@@ -111,18 +111,18 @@ def read_layout(out_dir) -> Layout:
             for batch in iter_batches(path, LAYOUT_COLUMNS):
                 values, offsets = list_parts(batch.column("doc_lens"))
                 csum = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
-                lens.append(values)
-                sources.append(list_parts(batch.column("doc_sources"))[0])
+                # copies (a few bytes per document), so no shard's memory map outlives its loop
+                lens.append(values.astype(np.int64))
+                sources.append(list_parts(batch.column("doc_sources"))[0].astype(np.int64))
                 row_pieces.append(np.diff(offsets))
                 row_tokens.append(csum[offsets[1:]] - csum[offsets[:-1]])
         except (pa.ArrowException, OSError, KeyError) as e:
             raise ValueError(f"can't read {path} ({e}); run `prep verify {out_dir}`") from None
 
-    def cat(parts, dtype):
-        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+    def cat(parts):
+        return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
 
-    return Layout(manifest, cat(lens, np.int64), cat(sources, np.int64), cat(row_pieces, np.int64),
-                  cat(row_tokens, np.int64))
+    return Layout(manifest, cat(lens), cat(sources), cat(row_pieces), cat(row_tokens))
 
 
 def describe(x: np.ndarray, percentiles=(50, 90, 99)) -> dict:
@@ -178,7 +178,7 @@ def format_report(r: dict) -> str:
         f"min {dps['min']}   max {dps['max']}   (doc_lens entries per sequence)",
         "",
     ]
-    header = ("  source", "asked", "got", "tokens", "docs", "pieces", "len mean", "p50", "p90", "p99", "max")
+    header = ("  source", "requested", "achieved", "tokens", "docs", "pieces", "len mean", "p50", "p90", "p99", "max")
     rows = [header]
     for s in r["sources"] + [{"name": "all", "requested_share": None, "achieved_share": 1.0, "tokens": r["tokens"],
                               "documents": r["documents"], "pieces": r["pieces"], "doc_len": r["doc_len"]}]:
@@ -288,7 +288,11 @@ def show(out_dir, seq: int = 0, doc: int | None = None, max_chars: int = 2000, c
     if doc is not None and not 0 <= doc < num_docs:
         raise ValueError(f"--doc {doc} is out of range: sequence {seq} has {num_docs} documents (0..{num_docs - 1})")
     name = tokenizer or manifest["tokenizer"]["name"]
-    backend = load_decoder(name)
+    try:
+        backend = load_decoder(name)
+    except (OSError, ValueError) as e:  # transformers' messages run over several lines
+        raise ValueError(f"can't load tokenizer {name!r}: {' '.join(str(e).split())}; "
+                         "pass --tokenizer with the one the shards were built with") from None
     check_tokenizer(backend, manifest, name)
     names = [s["name"] for s in manifest["sources"]]
     starts = np.concatenate([[0], np.cumsum(r["doc_lens"], dtype=np.int64)])
@@ -299,8 +303,8 @@ def show(out_dir, seq: int = 0, doc: int | None = None, max_chars: int = 2000, c
         line = f"━━━ {text} " + "━" * max(3, RULE_WIDTH - len(text) - 5)
         return f"{BOLD}{line}{RESET}" if color else line
 
-    lines = [f"sequence {seq} ({r['shard']} row {r['row']}): {num_docs} documents, {used:,} tokens, "
-             f"{T - used:,} padding, seq_len {T:,}"]
+    lines = [f"sequence {seq} ({r['shard']} row {r['row']}): {num_docs} document{'s' * (num_docs != 1)}, "
+             f"{used:,} tokens, {T - used:,} padding, seq_len {T:,}"]
     if mask is not None:
         lines.append(f"loss mask: {int(mask.sum()):,} of {used:,} tokens get loss; the others are "
                      + ("dimmed" if color else f"shown {NO_LOSS[0]}like this{NO_LOSS[1]}"))

@@ -48,13 +48,14 @@ def parse_mix(text: str) -> dict[str, float]:
 class Mixer:
     """Pulls documents from the streams by deficit; `tokens` and `exhausted` tell how it went."""
 
-    def __init__(self, streams: list[Iterator[Doc]], shares: list[float], max_tokens: int | None):
+    def __init__(self, streams: list[Iterator[Doc]], shares: list[float], max_tokens: int | None,
+                 tokens: list[int] | None = None):
         self.streams, self.shares, self.max_tokens = streams, shares, max_tokens
-        self.tokens = [0] * len(streams)
+        self.tokens = list(tokens) if tokens else [0] * len(streams)  # restored when a build resumes
         self.exhausted: int | None = None  # the source that ran out, if one did
 
     def __iter__(self) -> Iterator[Doc]:
-        while True:
+        while not (self.max_tokens and sum(self.tokens) >= self.max_tokens):
             i = min(range(len(self.streams)), key=lambda k: self.tokens[k] / self.shares[k])
             doc = next(self.streams[i], None)
             if doc is None:
@@ -62,5 +63,3 @@ class Mixer:
                 return
             self.tokens[i] += len(doc.ids)
             yield doc
-            if self.max_tokens and sum(self.tokens) >= self.max_tokens:
-                return

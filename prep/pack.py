@@ -15,7 +15,7 @@ still recorded in doc_lens so the trainer never lets them attend to each other.
 """
 
 import bisect
-from typing import Iterator
+from collections import deque
 
 from prep.mix import Doc
 
@@ -27,29 +27,29 @@ class BfdPacker:
         self.seq_len = seq_len
         self.window_tokens = window * seq_len
         self.carry_frac = carry_frac
-        self.pending: list[Doc] = []
-        self.pending_tokens = 0
+        self.ready: deque[Sequence] = deque()  # finished sequences, for the writer to take
         self.open: list[Sequence] = []  # sequences carried over from the previous window
+        self.pending: list[Doc] = []  # documents of the current window
+        self.pending_tokens = 0
         self.num_split = 0
 
-    def add(self, doc: Doc) -> Iterator[Sequence]:
+    def add(self, doc: Doc) -> None:
         if len(doc.ids) > self.seq_len:
             self.num_split += 1
             cut = len(doc.ids) - len(doc.ids) % self.seq_len
-            for start in range(0, cut, self.seq_len):
-                yield [_slice(doc, start, start + self.seq_len)]
+            self.ready.extend([_slice(doc, start, start + self.seq_len)] for start in range(0, cut, self.seq_len))
             if cut == len(doc.ids):
                 return
             doc = _slice(doc, cut, len(doc.ids))
         self.pending.append(doc)
         self.pending_tokens += len(doc.ids)
         if self.pending_tokens >= self.window_tokens:
-            yield from self._pack_window(final=False)
+            self._pack_window(final=False)
 
-    def finish(self) -> Iterator[Sequence]:
-        yield from self._pack_window(final=True)
+    def finish(self) -> None:
+        self._pack_window(final=True)
 
-    def _pack_window(self, final: bool) -> Iterator[Sequence]:
+    def _pack_window(self, final: bool) -> None:
         bins = self.open
         room = sorted((self.seq_len - sum(len(d.ids) for d in b), i) for i, b in enumerate(bins))
         # longest first; ties keep arrival order (sort is stable), so the result is deterministic
@@ -67,17 +67,26 @@ class BfdPacker:
         self.pending, self.pending_tokens = [], 0
         keep = set() if final else {i for _, i in room[::-1][: int(len(bins) * self.carry_frac)]}
         self.open = [b for i, b in enumerate(bins) if i in keep]
-        yield from (b for i, b in enumerate(bins) if i not in keep)
+        self.ready.extend(b for i, b in enumerate(bins) if i not in keep)
+
+    def state(self) -> tuple[list[Sequence], list[Sequence], list[Doc]]:
+        return list(self.ready), self.open, self.pending
+
+    def restore(self, ready: list[Sequence], open_: list[Sequence], pending: list[Doc], num_split: int) -> None:
+        self.ready, self.open, self.pending = deque(ready), open_, pending
+        self.pending_tokens = sum(len(d.ids) for d in pending)
+        self.num_split = num_split
 
 
 class WrappedPacker:
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
+        self.ready: deque[Sequence] = deque()
         self.current: Sequence = []
         self.used = 0
         self.num_split = 0
 
-    def add(self, doc: Doc) -> Iterator[Sequence]:
+    def add(self, doc: Doc) -> None:
         start, n = 0, len(doc.ids)
         if self.used + n > self.seq_len:
             self.num_split += 1
@@ -87,13 +96,23 @@ class WrappedPacker:
             self.used += take
             start += take
             if self.used == self.seq_len:
-                yield self.current
+                self.ready.append(self.current)
                 self.current, self.used = [], 0
 
-    def finish(self) -> Iterator[Sequence]:
+    def finish(self) -> None:
         if self.current:
-            yield self.current
+            self.ready.append(self.current)
             self.current, self.used = [], 0
+
+    def state(self) -> tuple[list[Sequence], list[Sequence], list[Doc]]:
+        return list(self.ready), [self.current] if self.current else [], []
+
+    def restore(self, ready: list[Sequence], open_: list[Sequence], pending: list[Doc], num_split: int) -> None:
+        assert not pending and len(open_) <= 1
+        self.ready = deque(ready)
+        self.current = open_[0] if open_ else []
+        self.used = sum(len(d.ids) for d in self.current)
+        self.num_split = num_split
 
 
 def _slice(doc: Doc, start: int, end: int) -> Doc:

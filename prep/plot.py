@@ -23,7 +23,7 @@ def plot(out_dir, png) -> Path:
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, PercentFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
     lay = read_layout(out_dir)
     m = lay.manifest
@@ -44,8 +44,8 @@ def plot(out_dir, png) -> Path:
         if len(mine):
             ax.hist(mine, bins=bins, histtype="step", linewidth=1.8, color=COLORS[i % len(COLORS)],
                     label=f"{name} ({len(mine):,}, median {np.median(mine):,.0f})")
-    ax.axvline(T, color="black", linestyle="--", linewidth=1)
-    ax.text(T, 0.97, f" seq_len\n {T:,}", transform=ax.get_xaxis_transform(), ha="right", va="top", fontsize=9)
+    ax.axvline(T, color="black", linestyle="--", linewidth=1, label=f"seq_len {T:,}")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
     ax.set(title="Document length per source (split pieces count as documents)",
@@ -59,7 +59,7 @@ def plot(out_dir, png) -> Path:
     mean = lay.row_pieces.mean() if num_seq else 0
     ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.2f}")
     ax.set(title="Documents per sequence", xlabel="documents (doc_lens entries) in a sequence", ylabel="sequences")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=9)
 
     ax = axes[1, 0]

@@ -31,7 +31,7 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
 
 
-def schema(seq_len: int, loss_mask: bool) -> pa.Schema:
+def schema(seq_len: int, loss_mask: bool, build_id: str | None = None) -> pa.Schema:
     fields = [
         pa.field("input_ids", pa.list_(pa.uint32(), seq_len)),
         pa.field("doc_lens", pa.list_(pa.uint32())),
@@ -39,7 +39,8 @@ def schema(seq_len: int, loss_mask: bool) -> pa.Schema:
     ]
     if loss_mask:
         fields.append(pa.field("loss_mask", pa.list_(pa.uint8(), seq_len)))
-    return pa.schema(fields)
+    # the build id in every shard lets verify and the trainer spot a shard from another build cheaply
+    return pa.schema(fields, metadata={"prep.build_id": build_id} if build_id else None)
 
 
 def sha256_file(path: Path) -> str:
@@ -63,11 +64,13 @@ def write_json_atomic(path: Path, obj) -> None:
 class ShardWriter:
     """Buffers sequences into record batches and rotates shards every `rows_per_shard` rows."""
 
-    def __init__(self, out_dir: Path, seq_len: int, pad_id: int, loss_mask: bool, rows_per_shard: int):
+    def __init__(self, out_dir: Path, seq_len: int, pad_id: int, loss_mask: bool, rows_per_shard: int,
+                 build_id: str | None = None):
         self.out_dir, self.seq_len, self.pad_id = out_dir, seq_len, pad_id
         self.loss_mask, self.rows_per_shard = loss_mask, rows_per_shard
-        self.schema = schema(seq_len, loss_mask)
-        self.shards: list[dict] = []
+        self.schema = schema(seq_len, loss_mask, build_id)
+        self.shards: list[dict] = []  # finished shards; a resumed build restores them
+        self.on_shard = lambda: None  # called after each finished shard (the build saves its state)
         self.buffer: list[Sequence] = []
         self.writer = None
         self.rows_in_shard = 0
@@ -106,6 +109,7 @@ class ShardWriter:
         os.replace(self.tmp_path, final)
         self.shards.append({"file": final.name, "rows": self.rows_in_shard, "sha256": sha256_file(final)})
         self.writer, self.rows_in_shard = None, 0
+        self.on_shard()
 
     def _batch(self, seqs: list[Sequence]) -> pa.RecordBatch:
         B, T = len(seqs), self.seq_len

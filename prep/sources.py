@@ -120,16 +120,21 @@ def open_stream(spec: str):
     return datasets.load_dataset(repo, config, split=split or "train", streaming=True), False
 
 
-def iter_rows(spec: str) -> Iterator[dict | Reject]:
-    """Every row of SPEC in order, as a dict, or a Reject for a line that isn't a JSON object."""
+def iter_rows(spec: str, start: int = 0) -> Iterator[dict | Reject]:
+    """Every row of SPEC in order from row `start`, as a dict, or a Reject for a line that isn't a
+    JSON object. Rows before `start` are skipped unparsed (a resumed build)."""
     stream, is_text = open_stream(spec)
+    if not is_text:
+        yield from stream.skip(start) if start else stream
+        return
+    row_number = 0
     for row in stream:
-        if not is_text:
-            yield row
-            continue
         line = row["text"]
         if not line.strip():
             continue  # blank lines are not rows in JSON lines
+        row_number += 1
+        if row_number <= start:
+            continue
         if INVALID_UTF8_MARK in line:
             yield Reject("invalid_utf8")
             continue

@@ -32,7 +32,9 @@ END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 
 @dataclass
 class Problem:
-    check: str  # what failed: name, missing, sha256, schema, read, rows, nulls, doc_lens, doc_sources, padding, ids, loss_mask, totals, extra-file
+    # what failed: name, missing, sha256, schema, read, rows, nulls, doc_lens, doc_sources, padding, ids,
+    # loss_mask, totals, extra-file
+    check: str
     message: str
     shard: str | None = None  # file name, None for the manifest or the directory
     row: int | None = None  # row within the shard (the first bad one)

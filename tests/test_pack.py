@@ -24,8 +24,13 @@ def make_docs(seed: int, count: int, max_len: int) -> list[Doc]:
 
 
 def pack_all(packer, docs):
-    seqs = [s for d in docs for s in packer.add(d)]
-    return seqs + list(packer.finish())
+    seqs = []
+    for doc in docs:
+        packer.add(doc)
+        seqs += packer.ready
+        packer.ready.clear()
+    packer.finish()
+    return seqs + list(packer.ready)
 
 
 def reassemble(pieces: list[np.ndarray]) -> dict[int, np.ndarray]:

@@ -1,0 +1,116 @@
+"""A killed build resumes to the same bytes; a rerun never mixes two builds."""
+
+import pytest
+
+import prep.state
+from prep.build import BuildConfig, build
+
+SMALL = dict(mix="a=0.5,b=0.5", seq_len=1024, window=8, rows_per_shard=6, progress=False)
+
+
+def files(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
+    return files(out)
+
+
+@pytest.mark.parametrize("crash_at, after_save", [(1, True), (3, True), (3, False), (7, False)])
+def test_crash_then_resume_gives_the_same_bytes(tmp_path, corpus, reference, monkeypatch, crash_at, after_save):
+    """Crash right after the k-th state save, or just before it (a shard renamed but not yet recorded)."""
+    save, calls = prep.state.save, []
+
+    def crashing_save(*args, **kw):
+        calls.append(1)
+        if len(calls) == crash_at and not after_save:
+            raise SystemExit("killed")
+        save(*args, **kw)
+        if len(calls) == crash_at:
+            raise SystemExit("killed")
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(prep.state, "save", crashing_save)
+    with pytest.raises(SystemExit):
+        build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(prep.state, "save", save)
+    logs = []
+    build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=logs.append)
+    assert files(out) == reference
+    assert any("resuming" in m for m in logs)
+
+
+def test_resume_skips_finished_work(tmp_path, corpus, monkeypatch):
+    """Rows settled before the crash are not tokenized again."""
+    import prep.build
+
+    save, calls = prep.state.save, []
+
+    def crash_on_fourth(*args, **kw):
+        save(*args, **kw)
+        calls.append(1)
+        if len(calls) == 4:
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(prep.state, "save", crash_on_fourth)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
+    done_rows = sum(st["rows_read"] for st in prep.state.load(out)[0]["stats"])
+    monkeypatch.setattr(prep.state, "save", save)
+    encoded = []
+    real_render = prep.build.render
+    monkeypatch.setattr(prep.build, "render", lambda m: encoded.append(1) or real_render(m))
+    manifest = build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
+    total_rows = sum(s["rows_read"] for s in manifest["sources"])
+    assert done_rows > 0 and len(encoded) <= total_rows - done_rows + 2 * 16  # + what was in flight
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused(tmp_path, corpus, reference):
+    out = tmp_path / "out"
+    build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
+    logs = []
+    build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=logs.append)
+    assert "nothing to do" in logs[0] and files(out) == reference
+    with pytest.raises(ValueError, match="other settings.*--overwrite"):
+        build(BuildConfig(out=str(out), sources=corpus, **(SMALL | {"seq_len": 2048})), log=lambda m: None)
+    assert files(out) == reference
+    build(BuildConfig(out=str(out), sources=corpus, overwrite=True, **(SMALL | {"seq_len": 2048})), log=lambda m: None)
+    assert files(out) != reference and not list(out.glob(".prep-state*"))
+
+
+def test_unfinished_build_with_other_settings_is_refused(tmp_path, corpus, monkeypatch):
+    save = prep.state.save
+
+    def crash(*args, **kw):
+        save(*args, **kw)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(prep.state, "save", crash)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
+    monkeypatch.setattr(prep.state, "save", save)
+    with pytest.raises(ValueError, match="unfinished build with other settings"):
+        build(BuildConfig(out=str(out), sources=corpus, **(SMALL | {"mix": "a=0.3,b=0.7"})), log=lambda m: None)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "shard-00000.arrow").write_bytes(b"x")
+    with pytest.raises(ValueError, match="unknown build"):
+        build(BuildConfig(out=str(tmp_path / "foreign"), sources=corpus, **SMALL), log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_chaos_sigkill(tmp_path):
+    """Real SIGKILLs at random moments of a CLI build (scripts/chaos_prep.py does 20)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import chaos_prep
+
+    kills, identical, _ = chaos_prep.chaos(3, seed=1, log=lambda m: None)
+    assert kills >= 3 and identical == kills
