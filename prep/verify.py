@@ -32,7 +32,7 @@ END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 
 @dataclass
 class Problem:
-    # what failed: name, missing, sha256, schema, read, rows, nulls, doc_lens, doc_sources, padding, ids,
+    # what failed: name, missing, sha256, build, schema, read, rows, nulls, doc_lens, doc_sources, padding, ids,
     # loss_mask, totals, extra-file
     check: str
     message: str
@@ -155,6 +155,11 @@ def check_shard(path: Path, entry: dict, first_sequence: int, manifest: dict, to
                 return problems + [Problem("schema", f"{reader.schema.to_string(show_schema_metadata=False)!r} "
                                                      f"but expected {expected.to_string()!r}".replace("\\n", ", "),
                                            name)]
+            written_by = (reader.schema.metadata or {}).get(b"prep.build_id", b"").decode()
+            if written_by != manifest.get("build_id", ""):
+                problems.append(Problem("build", f"written by build {written_by[:23] or '(none)'}..., not this "
+                                                 f"manifest's {str(manifest.get('build_id'))[:23]}...: a shard from "
+                                                 "another build", name))
             for batch in reader:
                 check_batch(batch, rows, manifest, totals, bad)
                 rows += batch.num_rows

@@ -284,6 +284,18 @@ def test_verify_refuses_escaping_names_and_reports_extra_files(damaged):
     assert ("notes.txt", "extra-file") in found and ("shard-00000.arrow", "extra-file") in found
 
 
+def test_verify_catches_a_shard_from_another_build(damaged, tmp_path):
+    """Same seq_len and file name, hash patched into the manifest: only the build id tells them apart."""
+    other = tmp_path / "other"
+    build(BuildConfig(mix="nemotron=0.6,ot3=0.4", sample=True, out=str(other), seq_len=T, max_tokens=300_000,
+                      rows_per_shard=32, progress=False), log=lambda msg: None)
+    manifest = manifest_of(damaged)
+    shutil.copy(other / "shard-00000.arrow", damaged / "shard-00000.arrow")
+    manifest["shards"][0]["sha256"] = sha256_file(damaged / "shard-00000.arrow")
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    assert ("shard-00000.arrow", "build") in checks(verify(damaged, fast=True))
+
+
 # --- plot -----------------------------------------------------------------------------------------
 
 def test_plot_writes_a_png(shards, tmp_path):
