@@ -1,10 +1,11 @@
 """Benchmark `prep build` end to end against the bare encoder on the same rendered texts.
 
-    .venv/bin/python scripts/bench_prep.py                 # 50M tokens (about 4 min on 2 cores)
-    .venv/bin/python scripts/bench_prep.py --tokens 10e6   # quicker
+    .venv/bin/python scripts/bench_prep.py                 # 50M tokens, 3 repeats (about 3 min on 2 cores)
+    .venv/bin/python scripts/bench_prep.py --tokens 10e6 --repeats 1   # quicker
 
 It generates a corpus with realistic lengths (scripts/synth.py: Nemotron-like mean ~5k tokens,
-OpenThoughts-like mean ~12k, ~1.5% beyond 32k) as two jsonl.gz files, then measures in one run:
+OpenThoughts-like mean ~12k, ~1.5% beyond 32k) as parquet, the format the hub serves smoltalk2 in
+(and, for comparison, as jsonl.gz), then measures in one run:
   1. the bare encoder: the same ChatML texts, already rendered and in memory, encoded with the
      same tiktoken encoding on one thread per core (the tokenizer's own limit on this machine);
   2. `prep build --mix nemotron=0.5,ot3=0.5` on those files, as a subprocess, from the jsonl to
@@ -16,7 +17,7 @@ peak RSS.
 import argparse
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -30,19 +31,50 @@ sys.path.insert(0, str(ROOT))
 import synth  # noqa: E402
 
 
-def make_corpus(work: Path, num_tokens: int) -> dict[str, Path]:
-    """Half the tokens Nemotron-like, half OpenThoughts-like (estimated; rebuilt only when missing)."""
+def make_corpus(work: Path, num_tokens: int, suffix: str) -> dict[str, Path]:
+    """Half the tokens Nemotron-like, half OpenThoughts-like (estimated; made only when missing)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     paths = {}
     for kind in ("nemotron", "ot3"):
-        path = work / f"{kind}-{num_tokens // 2}.jsonl.gz"
-        if not path.exists():
-            synth.write_jsonl(path, synth.rows(kind, num_tokens=num_tokens // 2 + 2_000_000, seed=1))
+        path = work / f"{kind}-{num_tokens // 2}{suffix}"
+        rows = synth.rows(kind, num_tokens=num_tokens // 2 + 2_000_000, seed=1)
+        if path.exists():
+            pass
+        elif suffix == ".jsonl.gz":
+            synth.write_jsonl(path, rows)
+        else:  # row groups of 500 rows, as the hub's parquet files have small row groups too
+            tmp = path.with_suffix(".tmp")
+            with pq.ParquetWriter(tmp, pa.Table.from_pylist([next(synth.rows(kind, num_rows=1))]).schema) as w:
+                batch = []
+                for row in rows:
+                    batch.append(row)
+                    if len(batch) == 500:
+                        w.write_table(pa.Table.from_pylist(batch))
+                        batch = []
+                if batch:
+                    w.write_table(pa.Table.from_pylist(batch))
+            tmp.rename(path)
         paths[kind] = path
     return paths
 
 
-def bare_encoder(encoder, paths: dict[str, Path], limit_docs: dict[str, int]) -> tuple[int, float]:
-    """Tokens and seconds to encode the rendered texts with all cores, texts already in memory."""
+def run_prep(paths: dict[str, Path], num_tokens: int, out: Path) -> tuple[dict, float, float]:
+    """Manifest, wall seconds and peak RSS (MB) of one `prep build` subprocess."""
+    cmd = [str(ROOT / ".venv/bin/prep"), "build", "--mix", "nemotron=0.5,ot3=0.5", "--overwrite", "--no-progress",
+           "--source", f"nemotron={paths['nemotron']}", "--source", f"ot3={paths['ot3']}",
+           "--max-tokens", str(num_tokens), "--out", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    assert status == 0, "prep build failed"
+    return json.loads((out / "manifest.json").read_text()), seconds, usage.ru_maxrss / 1024
+
+
+def rendered_texts(paths: dict[str, Path], limit_docs: dict[str, int]) -> list[str]:
+    """The ChatML texts of the rows the build used, in memory, for the bare encoder."""
     from prep.render import render
     from prep.sources import iter_rows, to_messages
 
@@ -52,16 +84,21 @@ def bare_encoder(encoder, paths: dict[str, Path], limit_docs: dict[str, int]) ->
             if i == limit_docs[kind]:
                 break
             texts.append(render(to_messages(row))[0])
+    return texts
+
+
+def bare_encoder(encoder, texts: list[str]) -> tuple[int, float]:
+    """Tokens and seconds to encode texts already in memory with one thread per core."""
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         start = time.perf_counter()
         num_tokens = sum(len(ids) for ids in pool.map(encoder.encode, texts))
-        seconds = time.perf_counter() - start
-    return num_tokens, seconds
+        return num_tokens, time.perf_counter() - start
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=float, default=50e6, help="corpus size in tokens (default 50M)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is shown")
     parser.add_argument("--work", default=str(ROOT / "bench"), help="where the corpus and shards go")
     args = parser.parse_args()
     work = Path(args.work)
@@ -69,40 +106,50 @@ def main():
     num_tokens = int(args.tokens)
 
     t = time.perf_counter()
-    paths = make_corpus(work, num_tokens)
-    print(f"corpus: {', '.join(f'{p.name} {p.stat().st_size / 1e6:.0f} MB' for p in paths.values())} "
+    paths = make_corpus(work, num_tokens, ".parquet")
+    gz_paths = make_corpus(work, num_tokens, ".jsonl.gz")
+    print(f"corpus: {', '.join(f'{p.name} {p.stat().st_size / 1e6:.0f} MB' for p in [*paths.values(), *gz_paths.values()])} "
           f"({time.perf_counter() - t:.0f} s)")
-
-    out = work / "shards"
-    cmd = [str(ROOT / ".venv/bin/prep"), "build", "--mix", "nemotron=0.5,ot3=0.5", "--overwrite", "--no-progress",
-           "--source", f"nemotron={paths['nemotron']}", "--source", f"ot3={paths['ot3']}",
-           "--max-tokens", str(num_tokens), "--out", str(out)]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    build_seconds = time.perf_counter() - start
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    manifest = json.loads((out / "manifest.json").read_text())
-    c = manifest["counts"]
 
     from prep.tokenize import load_encoder
 
-    encoder = load_encoder(manifest["tokenizer"]["name"])
-    docs_used = {s["name"]: s["rows_read"] for s in manifest["sources"]}
-    bare_tokens, bare_seconds = bare_encoder(encoder, paths, docs_used)
-
-    prep_rate = c["tokens"] / build_seconds
-    bare_rate = bare_tokens / bare_seconds
+    runs = {"parquet": [], "jsonl.gz": [], "bare": [], "start-up": []}
+    texts = encoder = None
+    for rep in range(args.repeats):  # interleaved, so a slow moment of the machine hits all alike
+        manifest, seconds, rss = run_prep(paths, num_tokens, work / "shards")
+        runs["parquet"].append((seconds, rss))
+        gz_manifest, seconds, rss = run_prep(gz_paths, num_tokens, work / "shards-gz")
+        runs["jsonl.gz"].append((seconds, rss))
+        _, seconds, _ = run_prep(paths, 1, work / "shards-tiny")  # one document: the fixed cost
+        runs["start-up"].append((seconds, 0))
+        if texts is None:
+            encoder = load_encoder(manifest["tokenizer"]["name"])
+            texts = rendered_texts(paths, {s["name"]: s["rows_read"] for s in manifest["sources"]})
+        bare_tokens, seconds = bare_encoder(encoder, texts)
+        runs["bare"].append((seconds, 0))
+    seconds = {k: statistics.median(s for s, _ in v) for k, v in runs.items()}
+    c = manifest["counts"]
+    prep_rate = c["tokens"] / seconds["parquet"]
+    bare_rate = bare_tokens / seconds["bare"]
+    steady_rate = c["tokens"] / (seconds["parquet"] - seconds["start-up"])
+    gz_rate = gz_manifest["counts"]["tokens"] / seconds["jsonl.gz"]
     input_tokens = c["tokens"] + c["truncated_tokens"] + c["dropped_tokens"]
-    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
-    print(f"bare encoder ({encoder.kind}, {os.cpu_count()} threads): {bare_tokens / 1e6:.1f} M tokens in "
-          f"{bare_seconds:.1f} s = {bare_rate / 1e6:.2f} M tokens/s")
-    print(f"prep build end to end: {c['tokens'] / 1e6:.1f} M tokens in {build_seconds:.1f} s = "
-          f"{prep_rate / 1e6:.2f} M tokens/s (includes ~3 s start-up: imports and tokenizer load)")
-    print(f"ratio prep / bare encoder: {prep_rate / bare_rate:.2f}  (goal >= 0.85)")
+    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
+          f"median of {args.repeats} runs each")
+    print(f"bare encoder ({encoder.kind}, {os.cpu_count()} threads, texts in memory): {bare_tokens / 1e6:.1f} M tokens "
+          f"in {seconds['bare']:.1f} s = {bare_rate / 1e6:.2f} M tokens/s")
+    print(f"prep build, parquet -> shards: {c['tokens'] / 1e6:.1f} M tokens in {seconds['parquet']:.1f} s = "
+          f"{prep_rate / 1e6:.2f} M tokens/s")
+    print(f"ratio prep / bare encoder, end to end: {prep_rate / bare_rate:.2f}  (goal >= 0.85)")
+    print(f"  start-up (imports, tokenizer, opening sources; a 1-document build): {seconds['start-up']:.1f} s; "
+          f"after it: {steady_rate / 1e6:.2f} M tokens/s, ratio {steady_rate / bare_rate:.2f}")
+    print(f"  same corpus as jsonl.gz: {gz_rate / 1e6:.2f} M tokens/s, ratio {gz_rate / bare_rate:.2f} "
+          "(gunzip and JSON parsing share the same 2 cores)")
     print(f"BFD fill at {manifest['seq_len']}: {c['tokens'] / (c['sequences'] * manifest['seq_len']):.3%}  (goal >= 99.8%)")
     print(f"tokens kept: {c['tokens'] / input_tokens:.3%} ({c['split']} documents split, none truncated or dropped)"
           f"  (goal 100%)")
-    print(f"peak RSS of prep build: {peak_rss_mb:.0f} MB")
+    print(f"peak RSS of prep build: {max(r for _, r in runs['parquet']):.0f} MB parquet, "
+          f"{max(r for _, r in runs['jsonl.gz']):.0f} MB jsonl.gz")
 
 
 if __name__ == "__main__":
