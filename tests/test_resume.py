@@ -44,6 +44,24 @@ def test_crash_then_resume_gives_the_same_bytes(tmp_path, corpus, reference, mon
     assert any("resuming" in m for m in logs)
 
 
+def test_crash_between_manifest_and_cleanup(tmp_path, corpus, reference, monkeypatch):
+    """The manifest is written, the state files not yet removed: the rerun finds the build done."""
+    import prep.build
+
+    def crash(out):
+        raise SystemExit("killed")
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(prep.build.state, "clear", crash)
+    with pytest.raises(SystemExit):
+        build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
+    assert (out / "manifest.json").exists() and (out / ".prep-state.json").exists()
+    monkeypatch.undo()
+    logs = []
+    build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=logs.append)
+    assert "nothing to do" in logs[0] and files(out) == reference
+
+
 def test_resume_skips_finished_work(tmp_path, corpus, monkeypatch):
     """Rows settled before the crash are not tokenized again."""
     import prep.build
