@@ -227,6 +227,14 @@ def test_verify_catches_edited_counts(damaged):
     assert "counts.tokens" in str(problems[0])
 
 
+def test_verify_catches_edited_hashes(damaged):
+    manifest = manifest_of(damaged)
+    manifest["shards"][2]["sha256"] = "0" * 64
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    assert checks(verify(damaged)) == {("shard-00002.arrow", "sha256")}
+    assert verify(damaged, fast=True) == []  # --fast trusts the hashes: say so in its help
+
+
 def test_verify_names_shard_row_and_check(damaged):
     """Rewrite one shard with bad rows (and a matching hash), so only the row checks can see them."""
     manifest = manifest_of(damaged)
