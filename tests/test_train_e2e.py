@@ -1,0 +1,176 @@
+"""`python -m train` and `torchrun -m train` end to end on shards built by the real `prep build` from the
+embedded sample (seq_len 256, so a CPU step takes ~0.3 s): the loss falls, the export loads, wrong
+shards are refused, DDP and FSDP agree, and a stopped or SIGKILLed run resumes to the same losses."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.__main__ import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+RUN = ["--model-config", "tiny", "--lr", "3e-3", "--warmup-ratio", "0.1", "--grad-accum", "2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from prep.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("shards")
+    build(BuildConfig(mix="nemotron=0.5,ot3=0.5", sample=True, out=str(out), seq_len=256, max_tokens=60_000,
+                      overwrite=True, progress=False), log=lambda msg: None)
+    return out
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "train"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "train"]
+    out = subprocess.run(launcher + args, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_run(shards, tmp_path_factory) -> Path:
+    """One process, in this process: 8 steps of the tiny model."""
+    output = tmp_path_factory.mktemp("single") / "run"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    assert main(["--shards", str(shards), *RUN, "--max-steps", "8", "--save-every", "0", "--output", str(output)]) == 0
+    return output
+
+
+def test_loss_falls_and_every_metric_is_logged(single_run):
+    rows = metrics(single_run)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    last3 = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last3 < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
+    for r in rows:
+        assert set(r) >= {"loss", "loss_per_source", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"}
+        assert set(r["loss_per_source"]) == {"nemotron", "ot3"} and r["tokens"] > 0
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(3e-3)  # warmup: ceil(10% of 8) = 1 step
+    assert rows[0]["mfu"] is None  # CPU: no peak to divide by without --peak-tflops
+
+
+def test_export_loads_in_transformers_with_the_trained_weights(single_run, shards):
+    from prep.tokenize import fingerprint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.data import Loader, PackedShards
+
+    model, info = AutoModelForCausalLM.from_pretrained(single_run / "model", dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    tokenizer = AutoTokenizer.from_pretrained(single_run / "model")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert fingerprint(tokenizer.backend_tokenizer) == manifest["tokenizer"]["fingerprint"]
+    saved = json.loads((single_run / "model" / "config.json").read_text())
+    assert saved["use_cache"] and saved["dtype"] == "bfloat16" and model.config.tie_word_embeddings
+    # the exported weights are the trained ones: their loss on training rows is the trained loss, not ~11.8
+    batch = Loader(PackedShards(str(shards)), 1, 1, 0, 1, seed=42, vocab_size=128256).next()[0]
+    with torch.no_grad():
+        logp = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0].log_softmax(-1)
+    targets = batch.labels[0] != -100
+    nll = -logp[targets].gather(1, batch.labels[0][targets][:, None]).mean().item()
+    assert nll < metrics(single_run)[0]["loss"] - 0.5
+
+
+def test_an_exported_model_directory_trains_again_as_model(single_run, shards, tmp_path):
+    # --model DIR: from_pretrained and the tokenizer saved beside the weights, checked against the shards
+    output = tmp_path / "again"
+    assert main(["--shards", str(shards), "--model", str(single_run / "model"), "--lr", "1e-3", "--max-steps", "2",
+                 "--save-every", "0", "--output", str(output)]) == 0
+    rows = metrics(output)
+    assert rows[0]["loss"] < metrics(single_run)[0]["loss"] - 0.5  # it starts from the trained weights
+
+
+def test_shards_of_another_tokenizer_are_refused_in_one_line(shards, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"].update(name="meta-llama/Llama-3.2-1B", fingerprint="sha256:" + "1" * 64)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["--shards", str(other), "--model-config", "tiny", "--tokenizer", "HuggingFaceTB/SmolLM3-3B",
+                 "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "rebuild the shards" in err[-1] and "Llama-3.2-1B" in err[-1]
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_an_earlier_run_is_not_overwritten_without_resume(single_run, shards, capsys):
+    assert main(["--shards", str(shards), *RUN, "--output", str(single_run)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_stop_after_then_resume_gives_identical_losses(single_run, shards, tmp_path):
+    args = ["--shards", str(shards), *RUN, "--max-steps", "8", "--save-every", "0", "--output", str(tmp_path / "r")]
+    assert main(args + ["--stop-after", "3"]) == 0
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-00000003"]
+    assert not (tmp_path / "r" / "model").exists()
+    assert main(args + ["--resume"]) == 0
+    keys = ("step", "loss", "loss_per_source", "lr", "grad_norm", "tokens")
+    resumed, reference = metrics(tmp_path / "r"), metrics(single_run)
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in reference]
+    weights = "model.safetensors"
+    assert (tmp_path / "r" / "model" / weights).read_bytes() == (single_run / "model" / weights).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(shards, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("fsdp") / "run"
+    train_cli(["--shards", str(shards), *RUN, "--max-steps", "6", "--save-every", "0", "--dist", "fsdp",
+               "--output", str(output)], nproc=2)
+    return output
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_give_the_same_losses(shards, fsdp_run, tmp_path):
+    train_cli(["--shards", str(shards), *RUN, "--max-steps", "6", "--save-every", "0", "--dist", "ddp",
+               "--output", str(tmp_path / "ddp")], nproc=2)
+    ddp, fsdp = metrics(tmp_path / "ddp"), metrics(fsdp_run)
+    assert len(ddp) == len(fsdp) == 6 and fsdp[-1]["loss"] < fsdp[0]["loss"]
+    for a, b in zip(ddp, fsdp):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        # equal gradients, but an fp32 norm over 8.5M values is only good to ~5e-5 (measured against fp64),
+        # and FSDP sums it per shard
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+        assert a["tokens"] == b["tokens"]  # the same rows on the same steps
+    from transformers import AutoModelForCausalLM
+
+    for run in (tmp_path / "ddp", fsdp_run):  # both exports gathered every weight under its HF name
+        _, info = AutoModelForCausalLM.from_pretrained(run / "model", output_loading_info=True)
+        assert not any(info.values()), info
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_then_resume_gives_identical_losses_and_weights(shards, fsdp_run, tmp_path):
+    output = tmp_path / "killed"
+    args = ["--shards", str(shards), *RUN, "--max-steps", "6", "--save-every", "2", "--dist", "fsdp",
+            "--output", str(output)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train"]
+    proc = subprocess.Popen(launcher + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not (output / "checkpoints" / "step-00000002").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-step
+    proc.wait()
+    assert not (output / "model").exists()
+    train_cli(args + ["--resume"], nproc=2)
+    keys = ("step", "loss", "loss_per_source", "lr", "grad_norm", "tokens")
+    resumed, reference = metrics(output), metrics(fsdp_run)
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in reference]
+    weights = "model.safetensors"
+    assert (output / "model" / weights).read_bytes() == (fsdp_run / "model" / weights).read_bytes()
