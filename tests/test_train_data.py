@@ -152,6 +152,7 @@ def test_loss_mask_column_is_read(tmp_path):
     ("missing", "is missing"),
     ("flip", "sha256 differs"),
     ("seq_len", "don't match the manifest"),
+    ("foreign", "written by another build"),
 ])
 def test_broken_shard_directories_are_refused_before_training(tmp_path, damage, message):
     out = write_shards(tmp_path / "s", make_rows(5), 8)
@@ -170,6 +171,8 @@ def test_broken_shard_directories_are_refused_before_training(tmp_path, damage, 
         (out / "shard-00000.arrow").write_bytes(bytes(data))
     elif damage == "seq_len":
         manifest["seq_len"] = 16
+    elif damage == "foreign":  # this manifest's build id is not the one in the shard's schema
+        manifest["build_id"] = "sha256:" + "0" * 64
     if damage != "no_manifest":
         (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=message):

@@ -32,6 +32,9 @@ from train.parallel import (
 )
 
 
+ANOTHER_RANK = "another rank refused the shards (its error is printed above); run `prep verify`"
+
+
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """transformers' cosine_with_min_lr, step counted from 0: linear warmup from 0 over ceil(3%) of the
     steps (or --warmup-steps), then a half cosine from lr down to lr x min_lr_ratio at the last step."""
@@ -80,7 +83,13 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
     barrier()
 
     # Data: memory-mapped rows; nothing is read until a step uses it.
-    shards = PackedShards(cfg.shards, verify_hashes=cfg.verify_hashes)
+    # Corrupt or foreign shards are refused before the first step, on every rank together.
+    try:
+        shards, refused = PackedShards(cfg.shards, cfg.verify_hashes, rank, world_size), ""
+    except ValueError as e:
+        shards, refused = None, str(e)
+    if all_reduce_sum(torch.tensor([float(bool(refused))])).item():
+        raise ValueError(refused or ANOTHER_RANK)
     if cfg.seq_len and cfg.seq_len != shards.seq_len:
         raise ValueError(f"{cfg.shards} holds {shards.seq_len}-token sequences, but the settings ask for "
                          f"{cfg.seq_len}; rebuild with `prep build --seq-len {cfg.seq_len}` or drop the setting")
@@ -192,7 +201,7 @@ def main(argv=None) -> int:
     try:
         train(cfg, rank, world_size, device)
     except ValueError as e:
-        if rank == 0:
+        if rank == 0 or str(e) != ANOTHER_RANK:  # one line per problem, not one per rank
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

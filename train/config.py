@@ -102,8 +102,8 @@ class TrainConfig:
     """Print and append to metrics.jsonl every N steps (handbook: logging_steps)."""
     export_dtype: str = "bf16"
     """dtype of the exported Hugging Face model: bf16 or fp32."""
-    verify_hashes: bool = False
-    """Check every shard's sha256 against the manifest before training (reads all data once)."""
+    verify_hashes: bool = True
+    """Check every shard's sha256 against the manifest before the first step; each rank hashes 1/N of the files."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 = look the GPU up (CPU: no MFU)."""
     recipe: str = ""
