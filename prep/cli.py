@@ -29,7 +29,8 @@ app = typer.Typer(
     "Examples:\n\n"
     "  prep build --mix nemotron=0.5,ot3=0.5 --sample --out shards/\n\n"
     "  prep build --mix nemotron=0.5,ot3=0.5 --max-tokens 35_000_000_000 --out /data/shards\n\n"
-    "  prep build --mix mine=1 --source mine='data/*.jsonl.gz' --seq-len 8192",
+    "  prep build --mix mine=1 --source mine='data/*.jsonl.gz' --seq-len 8192\n\n"
+    "  prep inspect shards/  |  prep show shards/ --seq 0  |  prep verify shards/  |  prep plot shards/ -o mix.png",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

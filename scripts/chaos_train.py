@@ -13,7 +13,6 @@ equal the reference's exactly. Prints `N kills, N identical`.
 
 import argparse
 import json
-import os
 import random
 import signal
 import socket
@@ -47,8 +46,20 @@ def train(shards: Path, output: Path, resume: bool) -> subprocess.Popen:
            "--save-every", "2", "--keep-last", "2", "--lr", "3e-3", "--output", str(output)]
     if resume:
         cmd.append("--resume")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # its own process group, so one kill takes every rank
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and every rank at once, as a preempted node loses them. torchrun starts its
+    workers in their own sessions, so killing its process group would leave the ranks running."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for proc in [*parent.children(recursive=True), parent]:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def outcome(output: Path) -> tuple[list, bytes]:
@@ -77,7 +88,7 @@ def chaos(num_kills: int, seed: int = 0, log=print) -> tuple[int, int]:
             proc = train(shards, output, resume=attempt > 0)
             time.sleep(rng.uniform(0.3, 1.0) * duration)
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 landed += 1
             proc.wait()
         if not landed:

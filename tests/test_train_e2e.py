@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -113,6 +114,19 @@ def test_an_earlier_run_is_not_overwritten_without_resume(single_run, shards, ca
     assert "pass --resume" in capsys.readouterr().err
 
 
+def test_resume_before_any_checkpoint_starts_over_identically(single_run, shards, tmp_path):
+    """Killed before its first save: metrics.jsonl but no checkpoint. A restart with --resume starts at 0."""
+    output = tmp_path / "early"
+    output.mkdir()
+    (output / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n")
+    (output / "checkpoints" / "step-00000002.tmp").mkdir(parents=True)  # a save that never finished
+    assert main(["--shards", str(shards), *RUN, "--max-steps", "8", "--save-every", "0", "--output", str(output),
+                 "--resume"]) == 0
+    keys = ("step", "loss", "lr", "grad_norm")
+    assert [{k: r[k] for k in keys} for r in metrics(output)] == [{k: r[k] for k in keys} for r in metrics(single_run)]
+    assert not (output / "checkpoints" / "step-00000002.tmp").exists()
+
+
 def test_stop_after_then_resume_gives_identical_losses(single_run, shards, tmp_path):
     args = ["--shards", str(shards), *RUN, "--max-steps", "8", "--save-every", "0", "--output", str(tmp_path / "r")]
     assert main(args + ["--stop-after", "3"]) == 0
@@ -165,8 +179,13 @@ def test_fsdp_sigkill_then_resume_gives_identical_losses_and_weights(shards, fsd
     while not (output / "checkpoints" / "step-00000002").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-step
+    # torchrun and both ranks at once, mid-step; torchrun starts the ranks in their own sessions, so a
+    # process-group kill would leave them running
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    for p in [*ranks, psutil.Process(proc.pid)]:
+        p.send_signal(signal.SIGKILL)
     proc.wait()
+    psutil.wait_procs(ranks, timeout=10)
     assert not (output / "model").exists()
     train_cli(args + ["--resume"], nproc=2)
     keys = ("step", "loss", "loss_per_source", "lr", "grad_norm", "tokens")

@@ -77,10 +77,16 @@ def save(output: str, step: int, module, optimizer, loader, settings: dict, rank
 
 
 def load_latest(output: str, module, optimizer, loader, rank: int, world_size: int, device: torch.device) -> int:
-    """Restore the newest complete checkpoint into module, optimizer, loader and RNG; returns its step."""
+    """Restore the newest complete checkpoint into module, optimizer, loader and RNG; returns its step.
+    With none yet (a run killed before its first save), 0: the run starts over, as it would fresh,
+    so a restart script can always pass --resume."""
     found = complete_checkpoints(output)
+    if rank == 0:  # a killed save leaves a .tmp directory behind
+        for leftover in checkpoints_dir(output).glob("step-*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
     if not found:
-        raise ValueError(f"--resume: no complete checkpoint in {checkpoints_dir(output)}; run without --resume to start")
+        barrier()
+        return 0
     path = found[-1]
     state = json.loads((path / "train_state.json").read_text())
     if state["world_size"] != world_size:
@@ -96,9 +102,6 @@ def load_latest(output: str, module, optimizer, loader, rank: int, world_size: i
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
     barrier()
-    if rank == 0:  # a killed save leaves a .tmp directory behind
-        for leftover in checkpoints_dir(output).glob("step-*.tmp"):
-            shutil.rmtree(leftover, ignore_errors=True)
     return int(state["step"])
 
 
