@@ -38,7 +38,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from prep.shards import MANIFEST, read_manifest
+from prep.shards import MANIFEST, read_manifest, unsafe_name
 
 LAYOUT_COLUMNS = ["doc_lens", "doc_sources"]
 
@@ -53,11 +53,6 @@ def load_manifest(out_dir) -> dict:
         if key not in manifest:
             raise ValueError(f"{Path(out_dir) / MANIFEST} has no {key!r}; rebuild with `prep build`")
     return manifest
-
-
-def unsafe_name(name) -> bool:
-    """A manifest shard name that could leave the directory (`../x`, `/etc/x`, `a/b`)."""
-    return not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
 
 
 def shard_paths(out_dir, manifest: dict) -> list[Path]:

@@ -43,6 +43,11 @@ def schema(seq_len: int, loss_mask: bool, build_id: str | None = None) -> pa.Sch
     return pa.schema(fields, metadata={"prep.build_id": build_id} if build_id else None)
 
 
+def unsafe_name(name) -> bool:
+    """A manifest shard name that could leave the directory (`../x`, `/etc/x`, `a/b`): every reader refuses it."""
+    return not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

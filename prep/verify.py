@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from prep.inspect import as_numpy, list_parts, load_manifest, unsafe_name
-from prep.shards import MANIFEST, schema, sha256_file
+from prep.inspect import as_numpy, list_parts, load_manifest
+from prep.shards import MANIFEST, schema, sha256_file, unsafe_name
 
 ROWS_SHOWN = 5  # bad rows listed per shard and check; the rest are counted
 # A stream writer closes with this marker; a file cut at a batch boundary reads fine without it.

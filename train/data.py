@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prep.shards import read_manifest, sha256_file
+from prep.shards import read_manifest, sha256_file, unsafe_name
 
 IGNORE = -100
 
@@ -76,7 +76,7 @@ class PackedShards:
             raise ValueError(f"{self.dir} holds no sequences")
 
     def _shard_path(self, name: str) -> Path:
-        if Path(name).name != name:  # a manifest must not point outside its directory
+        if unsafe_name(name):  # a manifest must not point outside its directory
             raise ValueError(f"{self.dir}/manifest.json names shard {name!r} outside the directory")
         path = self.dir / name
         if not path.is_file():
