@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from prep.shards import read_manifest, sha256_file, unsafe_name
+from prep.shards import schema as shard_schema
 
 IGNORE = -100
 
@@ -62,8 +63,8 @@ class PackedShards:
             if (reader.schema.metadata or {}).get(b"prep.build_id", b"").decode() != build_id:
                 raise ValueError(f"{path} was written by another build than {self.dir}/manifest.json; "
                                  "run `prep verify` and rebuild")
+            self._check_schema(path, reader.schema)  # a stream has one schema for all its batches
             for batch in reader:
-                self._check_schema(path, batch.schema)
                 self.batches.append(self._columns(batch))
                 rows += batch.num_rows
                 starts.append(starts[-1] + batch.num_rows)
@@ -85,10 +86,7 @@ class PackedShards:
 
     def _check_schema(self, path: Path, schema: pa.Schema) -> None:
         T = self.seq_len
-        want = {"input_ids": pa.list_(pa.uint32(), T), "doc_lens": pa.list_(pa.uint32()),
-                "doc_sources": pa.list_(pa.uint8())}
-        if self.has_loss_mask:
-            want["loss_mask"] = pa.list_(pa.uint8(), T)
+        want = {f.name: f.type for f in shard_schema(T, self.has_loss_mask)}  # what prep build writes
         got = {f.name: f.type for f in schema}
         if any(got.get(name) != kind for name, kind in want.items()):
             raise ValueError(f"{path}: columns {got} don't match the manifest (seq_len {T}, loss_mask {self.has_loss_mask})")
