@@ -31,6 +31,7 @@ from prep.sources import Reject, Source, check_spec, iter_rows, local_files, res
 from prep.tokenize import DEFAULT_TOKENIZER, Encoder, load_encoder
 
 NUM_EXAMPLES = 5  # rejected rows shown per source
+CHUNK_CHARS = 1 << 20  # rendered characters per tokenizer call (~250k tokens, ~0.1 s of one core)
 
 
 @dataclass
@@ -118,40 +119,67 @@ class SourceStats:
 
 def tokenized_docs(index: int, source: Source, cfg: BuildConfig, encoder: Encoder,
                    pool: ThreadPoolExecutor, stats: SourceStats, in_flight: int) -> Iterator[Doc]:
-    """Documents of one source, in row order, tokenized on the pool with `in_flight` rows ahead."""
+    """Documents of one source, in row order. Rows are rendered here and tokenized on the pool in
+    batches of about CHUNK_CHARS characters (one tokenizer call each, see Encoder.encode_batch),
+    with `in_flight` batches ahead."""
     assistant_only = cfg.loss_on == "assistant"
 
-    def encode(text: str, spans: list[tuple[int, int]]) -> Doc:
-        if not assistant_only:
-            return Doc(encoder.encode(text), None, index)
-        ids, starts = encoder.encode_with_starts(text)
-        mask = np.zeros(len(ids), dtype=np.uint8)
-        for start, end in spans:
-            mask[(starts >= start) & (starts < end)] = 1
-        return Doc(ids, mask, index)
+    def batches() -> Iterator[list]:
+        """Rendered rows, (text, assistant spans), and Rejects, in row order, in batches."""
+        batch, chars = [], 0
+        for row in iter_rows(source.spec, start=stats.rows_read):
+            try:
+                if isinstance(row, Reject):
+                    raise row
+                batch.append(render(to_messages(row)))
+                chars += len(batch[-1][0])
+            except Reject as reject:
+                batch.append(reject)
+            if chars >= CHUNK_CHARS:
+                yield batch
+                batch, chars = [], 0
+        if batch:
+            yield batch
+
+    def encode(batch: list) -> list:
+        """On the pool: a batch of rendered rows and Rejects -> Docs and the same Rejects."""
+        rendered = [item for item in batch if not isinstance(item, Reject)]
+        if assistant_only:
+            docs = [Doc(*_ids_and_mask(encoder, text, spans), index) for text, spans in rendered]
+        else:
+            docs = [Doc(ids, None, index) for ids in encoder.encode_batch([text for text, _ in rendered])]
+        docs.reverse()
+        return [item if isinstance(item, Reject) else docs.pop() for item in batch]
 
     # Rows are accounted for when they leave the queue, so the counts stop exactly where the mixer stops.
     queue: deque = deque()
+    unread = batches()
+    row_number = stats.rows_read
+    try:
+        while True:
+            while len(queue) < in_flight and (batch := next(unread, None)) is not None:
+                queue.append(pool.submit(encode, batch))
+            if not queue:
+                return
+            for item in queue.popleft().result():
+                stats.rows_read += 1
+                if isinstance(item, Reject):
+                    stats.reject(row_number, item.args[0])
+                else:
+                    yield from _keep(item, cfg, stats)
+                row_number += 1
+    finally:  # the mixer stopped early: don't tokenize batches nobody will take
+        for future in queue:
+            future.cancel()
 
-    def settle(row_number: int, item) -> Iterator[Doc]:
-        stats.rows_read += 1
-        if isinstance(item, Reject):
-            stats.reject(row_number, item.args[0])
-        else:
-            yield from _keep(item.result(), cfg, stats)
 
-    for row_number, row in enumerate(iter_rows(source.spec, start=stats.rows_read), start=stats.rows_read):
-        try:
-            if isinstance(row, Reject):
-                raise row
-            text, spans = render(to_messages(row))
-            queue.append((row_number, pool.submit(encode, text, spans)))
-        except Reject as reject:
-            queue.append((row_number, reject))
-        if len(queue) >= in_flight:
-            yield from settle(*queue.popleft())
-    for item in queue:
-        yield from settle(*item)
+def _ids_and_mask(encoder: Encoder, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids, and a loss mask that is 1 on tokens starting inside an assistant span (--loss-on assistant)."""
+    ids, starts = encoder.encode_with_starts(text)
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    for start, end in spans:
+        mask[(starts >= start) & (starts < end)] = 1
+    return ids, mask
 
 
 def _keep(doc: Doc, cfg: BuildConfig, stats: SourceStats) -> Iterator[Doc]:
@@ -257,7 +285,7 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     started = time.time()
     progress = _progress(cfg, initial=sum(mixer_tokens))
     with ThreadPoolExecutor(workers) as pool:
-        streams = [tokenized_docs(i, s, cfg, encoder, pool, stats[i], in_flight=4 * workers + 8)
+        streams = [tokenized_docs(i, s, cfg, encoder, pool, stats[i], in_flight=workers + 2)
                    for i, s in enumerate(sources)]
         mixer = Mixer(streams, [shares[s.name] for s in sources], cfg.max_tokens, mixer_tokens)
         writer.on_shard = save_state

@@ -235,5 +235,27 @@ def plot_command(
     typer.echo(f"wrote {path}")
 
 
+def main() -> None:
+    """The `prep` console script: `app`, then a hard exit once the output is flushed.
+
+    A `datasets` parquet stream closed before its end (every build stops reading its sources
+    early) leaves an Arrow scan thread running for a moment, and an interpreter that shuts down
+    under it makes Arrow abort the process: "terminate called without an active exception", exit
+    134, after the build has finished (3 of 12 runs here; apache/arrow#34314,
+    huggingface/datasets#7566). By then every file is written, fsynced and renamed, so skipping
+    the interpreter's teardown loses nothing."""
+    try:
+        app()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    if code is not None and not isinstance(code, int):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -79,6 +79,7 @@ class ShardWriter:
         self.buffer: list[Sequence] = []
         self.writer = None
         self.rows_in_shard = 0
+        self.ids_buffer = None
 
     def write(self, seq: Sequence) -> None:
         self.buffer.append(seq)
@@ -118,7 +119,12 @@ class ShardWriter:
 
     def _batch(self, seqs: list[Sequence]) -> pa.RecordBatch:
         B, T = len(seqs), self.seq_len
-        ids = np.full((B, T), self.pad_id, dtype=np.uint32)
+        # One ids buffer for every batch: a fresh 8 MiB array per batch cost page faults (kernel time)
+        # on every write. Reusing it is safe: write_batch copies the batch into the file before returning.
+        if self.ids_buffer is None:
+            self.ids_buffer = np.empty((BATCH_ROWS, T), dtype=np.uint32)
+        ids = self.ids_buffer[:B]
+        ids.fill(self.pad_id)
         mask = np.zeros((B, T), dtype=np.uint8) if self.loss_mask else None
         lens, srcs, offsets = [], [], [0]
         for b, seq in enumerate(seqs):

@@ -44,3 +44,22 @@ def test_help_shows_examples():
     for args in (["--help"], ["build", "--help"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "prep build --mix nemotron=0.5,ot3=0.5" in result.output
+
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["build", "--mix", "bogus=1"], 2)])
+def test_console_script_skips_interpreter_teardown(args, code):
+    """Arrow can abort an interpreter that shuts down while a closed parquet stream's scan thread
+    still runs (exit 134 after a finished build, see prep.cli.main), so the console script exits
+    without the teardown: exit handlers never run, the output is flushed, the exit code is kept."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import atexit, sys; atexit.register(lambda: print('TEARDOWN RAN', flush=True)); "
+              "sys.argv = ['prep', *sys.argv[1:]]; import prep.cli; prep.cli.main()")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+    assert result.returncode == code, result.stderr
+    assert "TEARDOWN RAN" not in result.stdout
+    assert ("Usage" in result.stdout) if code == 0 else ("unknown source 'bogus'" in result.stderr)

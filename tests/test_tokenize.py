@@ -65,6 +65,29 @@ def test_tiktoken_equals_tokenizers(encoder, index):
     assert ids.tolist() == reference and len(starts) == len(ids)
 
 
+def test_encode_batch_equals_encoding_each_text(encoder):
+    """The build tokenizes batches in one call over texts joined by a separator special token; each
+    text must still get exactly its own ids, whatever sits at the seams."""
+    seams = ["", "", "<|im_", "end|>", "<|reserved_special_token_2", "47|>", " " * 7, "\r", "\n\n", "<think>", "'"]
+    texts = wide_texts() + seams
+    random.Random(1).shuffle(texts)
+    expected = [encoder.backend.encode(text, add_special_tokens=False).ids for text in texts]
+    assert [ids.tolist() for ids in encoder.encode_batch(texts)] == expected
+
+
+def test_encode_batch_is_one_call_unless_a_text_holds_the_separator(encoder, monkeypatch):
+    calls, real = [], encoder.fast.encode_to_numpy
+    monkeypatch.setattr(encoder.fast, "encode_to_numpy", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    texts = ["a b", "c\n", " d", "<|im_start|>user\nhi<|im_end|>\n"]
+    assert [ids.tolist() for ids in encoder.encode_batch(texts)] == [encoder.encode(t).tolist() for t in texts]
+    assert len(calls) == 1 + len(texts)  # the batch, then the reference calls
+    calls.clear()
+    texts = ["x" + encoder.separator + "y", "z"]
+    expected = [encoder.backend.encode(text, add_special_tokens=False).ids for text in texts]
+    assert [ids.tolist() for ids in encoder.encode_batch(texts)] == expected
+    assert len(calls) == 2  # text by text
+
+
 def test_base_vocab_equals_meta_llama3_tokenizer(encoder):
     """Meta's reference implementation of the Llama-3 tokenizer is an independent oracle for the BPE."""
     from llama_models.llama3.tokenizer import Tokenizer
