@@ -1,9 +1,10 @@
 """`prep build`: sources -> ChatML -> token ids -> mix -> pack -> shards + manifest.
 
 The story, top to bottom: check every setting before any work; load the tokenizer; for each source
-stream rows, render them and tokenize on a thread pool (tiktoken releases the GIL, so N threads
-use N cores while this thread reads and renders); apply the long-document policy; interleave the
-sources by token share; pack; write shards; write the manifest last.
+stream rows, render them and tokenize them on a thread pool in batches of ~1M characters (one
+tiktoken call per batch; tiktoken releases the GIL, so N threads use N cores while this thread
+reads and renders); apply the long-document policy; interleave the sources by token share; pack;
+write shards; write the manifest last.
 
 Results come back in submission order, so the same inputs and seed give the same bytes whatever
 `--workers` is. Peak memory is bounded by the packing window and the in-flight batches.
@@ -284,7 +285,8 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
 
     started = time.time()
     progress = _progress(cfg, initial=sum(mixer_tokens))
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         streams = [tokenized_docs(i, s, cfg, encoder, pool, stats[i], in_flight=workers + 2)
                    for i, s in enumerate(sources)]
         mixer = Mixer(streams, [shares[s.name] for s in sources], cfg.max_tokens, mixer_tokens)
@@ -303,10 +305,12 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
             progress.update(len(doc.ids))
             packer.add(doc)
             write_ready()
+        for stream in streams:
+            stream.close()  # stop reading sources the mixer no longer needs; their queued batches are cancelled
         packer.finish()
         write_ready()
-        for stream in streams:
-            stream.close()  # stop reading sources the mixer no longer needs
+    finally:  # don't wait for a batch still being tokenized: nobody will take it
+        pool.shutdown(wait=False, cancel_futures=True)
     progress.close()
     shard_infos = writer.close()
     seconds = time.time() - started
