@@ -125,36 +125,28 @@ def tokenized_docs(index: int, source: Source, cfg: BuildConfig, encoder: Encode
     with `in_flight` batches ahead."""
     assistant_only = cfg.loss_on == "assistant"
 
-    def batches() -> Iterator[list]:
-        """Rendered rows, (text, assistant spans), and Rejects, in row order, in batches."""
-        batch, chars = [], 0
+    def rendered() -> Iterator[tuple[str, list] | Reject]:
+        """Rendered rows, (text, assistant spans), and Rejects, in row order."""
         for row in iter_rows(source.spec, start=stats.rows_read):
             try:
                 if isinstance(row, Reject):
                     raise row
-                batch.append(render(to_messages(row)))
-                chars += len(batch[-1][0])
+                yield render(to_messages(row))
             except Reject as reject:
-                batch.append(reject)
-            if chars >= CHUNK_CHARS:
-                yield batch
-                batch, chars = [], 0
-        if batch:
-            yield batch
+                yield reject
 
     def encode(batch: list) -> list:
         """On the pool: a batch of rendered rows and Rejects -> Docs and the same Rejects."""
-        rendered = [item for item in batch if not isinstance(item, Reject)]
+        texts = [item for item in batch if not isinstance(item, Reject)]
         if assistant_only:
-            docs = [Doc(*_ids_and_mask(encoder, text, spans), index) for text, spans in rendered]
+            docs = iter([Doc(*_ids_and_mask(encoder, text, spans), index) for text, spans in texts])
         else:
-            docs = [Doc(ids, None, index) for ids in encoder.encode_batch([text for text, _ in rendered])]
-        docs.reverse()
-        return [item if isinstance(item, Reject) else docs.pop() for item in batch]
+            docs = iter([Doc(ids, None, index) for ids in encoder.encode_batch([text for text, _ in texts])])
+        return [item if isinstance(item, Reject) else next(docs) for item in batch]
 
     # Rows are accounted for when they leave the queue, so the counts stop exactly where the mixer stops.
     queue: deque = deque()
-    unread = batches()
+    unread = batches(rendered(), lambda item: 0 if isinstance(item, Reject) else len(item[0]))
     row_number = stats.rows_read
     try:
         while True:
@@ -172,6 +164,19 @@ def tokenized_docs(index: int, source: Source, cfg: BuildConfig, encoder: Encode
     finally:  # the mixer stopped early: don't tokenize batches nobody will take
         for future in queue:
             future.cancel()
+
+
+def batches(items: Iterator, chars_of) -> Iterator[list]:
+    """Consecutive items grouped until a group holds CHUNK_CHARS characters: one tokenizer call each."""
+    batch, chars = [], 0
+    for item in items:
+        batch.append(item)
+        chars += chars_of(item)
+        if chars >= CHUNK_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def _ids_and_mask(encoder: Encoder, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -101,16 +101,9 @@ def rendered_texts(paths: dict[str, Path], limit_docs: dict[str, int]) -> list[s
 def bare_encoder(encoder, texts: list[str], batched: bool) -> tuple[int, float]:
     """Tokens and seconds to encode texts already in memory with one thread per core: one call per
     text, or (batched) one call per CHUNK_CHARS characters of texts, as the build makes them."""
-    from prep.build import CHUNK_CHARS
+    from prep.build import batches
 
-    work, batch, chars = [], [], 0
-    for text in texts:
-        batch.append(text)
-        chars += len(text)
-        if chars >= CHUNK_CHARS or not batched:
-            work.append(batch)
-            batch, chars = [], 0
-    work += [batch] if batch else []
+    work = list(batches(iter(texts), len)) if batched else [[text] for text in texts]
     encode = encoder.encode_batch if batched else (lambda batch: [encoder.encode(batch[0])])
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         start = time.perf_counter()

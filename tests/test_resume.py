@@ -30,21 +30,28 @@ def reference(corpus, tmp_path_factory):
     return files(out)
 
 
-@pytest.mark.parametrize("crash_at, after_save", [(1, True), (3, True), (3, False), (7, False)])
-def test_crash_then_resume_gives_the_same_bytes(tmp_path, corpus, reference, monkeypatch, crash_at, after_save):
-    """Crash right after the k-th state save, or just before it (a shard renamed but not yet recorded)."""
+def crash_at_save(monkeypatch, k: int, after_save: bool = True):
+    """Make the k-th state save kill the build, right after writing the state or just before it;
+    returns the real `prep.state.save`, to put back for the resume."""
     save, calls = prep.state.save, []
 
     def crashing_save(*args, **kw):
         calls.append(1)
-        if len(calls) == crash_at and not after_save:
+        if len(calls) == k and not after_save:
             raise SystemExit("killed")
         save(*args, **kw)
-        if len(calls) == crash_at:
+        if len(calls) == k:
             raise SystemExit("killed")
 
-    out = tmp_path / "out"
     monkeypatch.setattr(prep.state, "save", crashing_save)
+    return save
+
+
+@pytest.mark.parametrize("crash_at, after_save", [(1, True), (3, True), (3, False), (7, False)])
+def test_crash_then_resume_gives_the_same_bytes(tmp_path, corpus, reference, monkeypatch, crash_at, after_save):
+    """Crash right after the k-th state save, or just before it (a shard renamed but not yet recorded)."""
+    save = crash_at_save(monkeypatch, crash_at, after_save)
+    out = tmp_path / "out"
     with pytest.raises(SystemExit):
         build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
     assert not (out / "manifest.json").exists()
@@ -77,15 +84,7 @@ def test_resume_skips_finished_work(tmp_path, corpus, monkeypatch):
     """Rows settled before the crash are not tokenized again."""
     import prep.build
 
-    save, calls = prep.state.save, []
-
-    def crash_on_fourth(*args, **kw):
-        save(*args, **kw)
-        calls.append(1)
-        if len(calls) == 4:
-            raise SystemExit("killed")
-
-    monkeypatch.setattr(prep.state, "save", crash_on_fourth)
+    save = crash_at_save(monkeypatch, 4)
     monkeypatch.setattr(prep.build, "CHUNK_CHARS", 1)  # one row per tokenizer batch: in flight = batches
     out = tmp_path / "out"
     with pytest.raises(SystemExit):
@@ -115,13 +114,7 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(tmp_path, corpus, refer
 
 
 def test_unfinished_build_with_other_settings_is_refused(tmp_path, corpus, monkeypatch):
-    save = prep.state.save
-
-    def crash(*args, **kw):
-        save(*args, **kw)
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(prep.state, "save", crash)
+    save = crash_at_save(monkeypatch, 1)
     out = tmp_path / "out"
     with pytest.raises(SystemExit):
         build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
@@ -163,16 +156,8 @@ def test_parquet_source_resumes_mid_file(tmp_path, corpus, monkeypatch):
     reference = tmp_path / "ref"
     build(BuildConfig(out=str(reference), sources=sources, **SMALL), log=lambda m: None)
 
-    save, calls = prep.state.save, []
-
-    def crash_on_third(*args, **kw):
-        save(*args, **kw)
-        calls.append(1)
-        if len(calls) == 3:
-            raise SystemExit("killed")
-
+    save = crash_at_save(monkeypatch, 3)
     out = tmp_path / "out"
-    monkeypatch.setattr(prep.state, "save", crash_on_third)
     with pytest.raises(SystemExit):
         build(BuildConfig(out=str(out), sources=sources, **SMALL), log=lambda m: None)
     assert 0 < sum(st["rows_read"] for st in prep.state.load(out)[0]["stats"])
