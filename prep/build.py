@@ -1,10 +1,10 @@
 """`prep build`: sources -> ChatML -> token ids -> mix -> pack -> shards + manifest.
 
 The story, top to bottom: check every setting before any work; load the tokenizer; for each source
-stream rows, render them and tokenize them on a thread pool in batches of ~1M characters (one
-tiktoken call per batch; tiktoken releases the GIL, so N threads use N cores while this thread
-reads and renders); apply the long-document policy; interleave the sources by token share; pack;
-write shards; write the manifest last.
+stream rows and check their messages, then render and tokenize them on a thread pool in batches of
+~1M characters (one tiktoken call per batch; tiktoken releases the GIL, so N threads use N cores
+while this thread reads); apply the long-document policy; interleave the sources by token share;
+pack; write shards; write the manifest last.
 
 Results come back in submission order, so the same inputs and seed give the same bytes whatever
 `--workers` is. Peak memory is bounded by the packing window and the in-flight batches.
@@ -25,14 +25,14 @@ import numpy as np
 
 from prep.mix import Doc, Mixer, parse_mix
 from prep.pack import BfdPacker, WrappedPacker
-from prep.render import render
+from prep.render import render, render_parts
 from prep.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, write_json_atomic
 from prep import state
 from prep.sources import Reject, Source, check_spec, iter_rows, local_files, resolve_sources, to_messages
 from prep.tokenize import DEFAULT_TOKENIZER, Encoder, load_encoder
 
 NUM_EXAMPLES = 5  # rejected rows shown per source
-CHUNK_CHARS = 1 << 20  # rendered characters per tokenizer call (~250k tokens, ~0.1 s of one core)
+CHUNK_CHARS = 1 << 20  # characters of content per tokenizer call (~250k tokens, ~0.1 s of one core)
 
 
 @dataclass
@@ -119,50 +119,70 @@ class SourceStats:
 
 
 def tokenized_docs(index: int, source: Source, cfg: BuildConfig, encoder: Encoder,
-                   pool: ThreadPoolExecutor, stats: SourceStats, in_flight: int) -> Iterator[Doc]:
-    """Documents of one source, in row order. Rows are rendered here and tokenized on the pool in
-    batches of about CHUNK_CHARS characters (one tokenizer call each, see Encoder.encode_batch),
-    with `in_flight` batches ahead."""
+                   pool: ThreadPoolExecutor, stats: SourceStats, in_flight: int,
+                   budget: float | None = None) -> Iterator[Doc]:
+    """Documents of one source, in row order. Rows are read and checked here, then rendered and
+    tokenized on the pool in batches of about CHUNK_CHARS characters (one tokenizer call each, see
+    Encoder.encode_batch), with up to `in_flight` batches ahead. `budget` is about how many tokens
+    the mixer will take from this source (its share of --max-tokens): batches are not tokenized
+    ahead beyond it, since the ones the mixer never takes cost CPU the others needed (2% of a
+    50M-token build)."""
     assistant_only = cfg.loss_on == "assistant"
 
-    def rendered() -> Iterator[tuple[str, list] | Reject]:
-        """Rendered rows, (text, assistant spans), and Rejects, in row order."""
+    def messages() -> Iterator[list | Reject]:
+        """Each row's (role, content) messages, or its Reject, in row order."""
         for row in iter_rows(source.spec, start=stats.rows_read):
             try:
                 if isinstance(row, Reject):
                     raise row
-                yield render(to_messages(row))
+                yield to_messages(row)
             except Reject as reject:
                 yield reject
 
     def encode(batch: list) -> list:
-        """On the pool: a batch of rendered rows and Rejects -> Docs and the same Rejects."""
-        texts = [item for item in batch if not isinstance(item, Reject)]
+        """On the pool: a batch of rows' messages and Rejects -> Docs and the same Rejects."""
+        rows = [item for item in batch if not isinstance(item, Reject)]
         if assistant_only:
-            docs = iter([Doc(*_ids_and_mask(encoder, text, spans), index) for text, spans in texts])
+            docs = iter([Doc(*_ids_and_mask(encoder, *render(row)), index) for row in rows])
         else:
-            docs = iter([Doc(ids, None, index) for ids in encoder.encode_batch([text for text, _ in texts])])
+            docs = iter([Doc(ids, None, index) for ids in encoder.encode_batch([render_parts(row) for row in rows])])
         return [item if isinstance(item, Reject) else next(docs) for item in batch]
 
+    def chars(item) -> int:  # of the content: the ChatML markup around it is a few dozen per message
+        return 0 if isinstance(item, Reject) else sum(len(content) for _, content in item)
+
+    def worth_reading_ahead() -> bool:
+        """Whether the mixer is likely to take another batch beyond those in the queue, guessing
+        the queued batches' tokens from their characters at the rate seen so far."""
+        if budget is None or not queue:
+            return True
+        tokens_per_char = seen_tokens / seen_chars if seen_chars else 0.25
+        return stats.tokens + sum(batch_chars for batch_chars, _ in queue) * tokens_per_char < budget
+
     # Rows are accounted for when they leave the queue, so the counts stop exactly where the mixer stops.
-    queue: deque = deque()
-    unread = batches(rendered(), lambda item: 0 if isinstance(item, Reject) else len(item[0]))
+    queue: deque = deque()  # (characters, future) of the batches ahead
+    unread = batches(messages(), chars)
     row_number = stats.rows_read
+    seen_chars = seen_tokens = 0
     try:
         while True:
-            while len(queue) < in_flight and (batch := next(unread, None)) is not None:
-                queue.append(pool.submit(encode, batch))
+            while len(queue) < in_flight and worth_reading_ahead() and (batch := next(unread, None)) is not None:
+                queue.append((sum(map(chars, batch)), pool.submit(encode, batch)))
             if not queue:
                 return
-            for item in queue.popleft().result():
+            batch_chars, future = queue.popleft()
+            tokens_before = stats.tokens
+            for item in future.result():
                 stats.rows_read += 1
                 if isinstance(item, Reject):
                     stats.reject(row_number, item.args[0])
                 else:
                     yield from _keep(item, cfg, stats)
                 row_number += 1
+            seen_chars += batch_chars
+            seen_tokens += stats.tokens - tokens_before
     finally:  # the mixer stopped early: don't tokenize batches nobody will take
-        for future in queue:
+        for _, future in queue:
             future.cancel()
 
 
@@ -292,7 +312,8 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     progress = _progress(cfg, initial=sum(mixer_tokens))
     pool = ThreadPoolExecutor(workers)
     try:
-        streams = [tokenized_docs(i, s, cfg, encoder, pool, stats[i], in_flight=workers + 2)
+        streams = [tokenized_docs(i, s, cfg, encoder, pool, stats[i], in_flight=workers + 2,
+                                  budget=cfg.max_tokens * shares[s.name] if cfg.max_tokens else None)
                    for i, s in enumerate(sources)]
         mixer = Mixer(streams, [shares[s.name] for s in sources], cfg.max_tokens, mixer_tokens)
         writer.on_shard = save_state

@@ -14,26 +14,24 @@ inside such a span, so a token that merges the header's newline with leading new
 content (the BPE does that) gets none.
 """
 
-from prep.sources import INVALID_UTF8_MARK, Reject
-
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def render_parts(messages: list[tuple[str, str]]) -> list[str]:
+    """The strings whose concatenation is the ChatML document. The build joins a whole batch of
+    documents in one go (Encoder.encode_batch), so a document is never joined on its own first."""
+    parts = []
+    for role, content in messages:
+        parts += [f"{IM_START}{role}\n", content, IM_END + "\n"]
+    return parts
 
 
 def render(messages: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     """The ChatML text and the [start, end) character spans of assistant content + `<|im_end|>`."""
-    parts, spans, pos = [], [], 0
-    for role, content in messages:
-        head = f"{IM_START}{role}\n"
-        parts += [head, content, IM_END + "\n"]
-        start = pos + len(head)
-        pos = start + len(content) + len(IM_END) + 1
+    parts = render_parts(messages)
+    spans, pos = [], 0
+    for (role, _), (head, content, tail) in zip(messages, zip(parts[::3], parts[1::3], parts[2::3])):
         if role == "assistant":
-            spans.append((start, pos - 1))
-    text = "".join(parts)
-    if INVALID_UTF8_MARK in text:
-        raise Reject("invalid_utf8")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise Reject("lone_surrogate") from None  # JSON "\ud800" escapes decode to unpaired surrogates
-    return text, spans
+            spans.append((pos + len(head), pos + len(head) + len(content) + len(IM_END)))
+        pos += len(head) + len(content) + len(tail)
+    return "".join(parts), spans

@@ -21,6 +21,7 @@ import codecs
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +38,8 @@ DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".arrow
 # Bytes that are not UTF-8 decode to this noncharacter, so the row is counted as invalid_utf8.
 INVALID_UTF8_MARK = "\U0010fffe"
 codecs.register_error("prep-mark-invalid", lambda err: (INVALID_UTF8_MARK, err.end))
+# A JSON escape of a UTF-16 surrogate; unpaired, it decodes to a str that is not valid Unicode.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 class Reject(Exception):
@@ -127,7 +130,10 @@ def iter_rows(spec: str, start: int = 0) -> Iterator[dict | Reject]:
     stream, is_text = open_stream(spec)
     if not is_text:
         for table in _tables(stream.skip(start) if start else stream):
-            yield from table.to_pylist()
+            try:
+                yield from table.to_pylist()
+            except UnicodeDecodeError:  # Arrow doesn't check strings read from parquet: find the bad rows
+                yield from (_pylist_or_reject(table.slice(i, 1)) for i in range(table.num_rows))
         return
     row_number = 0
     for line in (line for table in _tables(stream) for line in table.column("text").to_pylist()):
@@ -144,7 +150,30 @@ def iter_rows(spec: str, start: int = 0) -> Iterator[dict | Reject]:
         except ValueError:
             yield Reject("bad_json")
             continue
-        yield obj if isinstance(obj, dict) else Reject("not_an_object")
+        if not isinstance(obj, dict):
+            yield Reject("not_an_object")
+        elif "\\u" in line and SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(obj):
+            yield Reject("lone_surrogate")
+        else:
+            yield obj
+
+
+def _has_lone_surrogate(obj: dict) -> bool:
+    """Whether a parsed JSON row holds a surrogate that no escape paired up (not valid Unicode, so
+    no tokenizer can take it). Only JSON text can produce one: strings that come from Arrow were
+    decoded from valid UTF-8, and invalid bytes in a JSON line are caught as invalid_utf8 above."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _pylist_or_reject(row: "pyarrow.Table") -> dict | Reject:
+    try:
+        return row.to_pylist()[0]
+    except UnicodeDecodeError:
+        return Reject("invalid_utf8")
 
 
 def _tables(stream):

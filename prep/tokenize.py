@@ -266,25 +266,30 @@ class Encoder:
             return self.fast.encode_to_numpy(text, allowed_special="all").astype(np.uint32, copy=False)
         return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """`encode` of each text, from one tiktoken call over the texts joined by a separator special
-        token. tiktoken cuts its input at special tokens and runs the regex and BPE on each piece on
-        its own, so the ids of the joined text are the texts' ids with the separator's id between
-        them. One call per batch takes the GIL twice per batch instead of twice per document: beside
-        a busy Python thread, per-document calls ran at half the speed of batched ones here, and
-        even alone they were 6-15% slower. If the separator is not found once per seam (a text that
-        contains it, or a special token straddling a seam) the batch is encoded text by text."""
-        if self.fast is None or self.separator is None or len(texts) < 2:
-            return [self.encode(text) for text in texts]
-        joined = self.separator.join(texts)
-        if joined.count(self.separator) == len(texts) - 1:  # no text contains it
+    def encode_batch(self, docs: list[list[str]]) -> list[np.ndarray]:
+        """`encode` of each document, given as the strings it concatenates (prep.render.render_parts),
+        from one tiktoken call over the documents joined by a separator special token. tiktoken cuts
+        its input at special tokens and runs the regex and BPE on each piece on its own, so the ids of
+        the joined text are the documents' ids with the separator's id between them. One call per
+        batch takes the GIL twice per batch instead of twice per document: beside a busy Python
+        thread, per-document calls ran at half the speed of batched ones here, and even alone they
+        were 6-15% slower. If the separator is not found once per seam (a document that contains it,
+        or a special token straddling a seam) the batch is encoded document by document."""
+        if self.fast is None or self.separator is None or len(docs) < 2:
+            return [self.encode("".join(parts)) for parts in docs]
+        pieces = []
+        for parts in docs:
+            pieces += parts
+            pieces.append(self.separator)
+        joined = "".join(pieces[:-1])
+        if joined.count(self.separator) == len(docs) - 1:  # no document contains it
             ids = self.fast.encode_to_numpy(joined, allowed_special="all")
             seams = np.flatnonzero(ids == self.separator_id)
-            if len(seams) == len(texts) - 1:  # every separator became its own token
+            if len(seams) == len(docs) - 1:  # every separator became its own token
                 # copies: a view would keep the whole batch's ids alive as long as any one document waits to be packed
                 first, *rest = np.split(ids, seams)
                 return [first.copy()] + [piece[1:].copy() for piece in rest]
-        return [self.encode(text) for text in texts]
+        return [self.encode("".join(parts)) for parts in docs]
 
     def encode_with_starts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Ids and, for each token, the character offset where it starts (for loss masks)."""

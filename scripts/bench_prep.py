@@ -1,29 +1,49 @@
 """Benchmark `prep build` end to end against the bare encoder on the same rendered texts.
 
-    .venv/bin/python scripts/bench_prep.py                 # 50M tokens, 3 repeats (about 3 min on 2 cores)
-    .venv/bin/python scripts/bench_prep.py --tokens 10e6 --repeats 1   # quicker
+    .venv/bin/python scripts/bench_prep.py                  # 200M tokens, 3 runs (about 12 min on 2 cores)
+    .venv/bin/python scripts/bench_prep.py --tokens 50e6    # the smallest size the goal is set at (about 4 min)
+    .venv/bin/python scripts/bench_prep.py --tokens 10e6 --repeats 1 --calibrate   # quick, and checks the method
 
 It generates a corpus with realistic lengths (scripts/synth.py: Nemotron-like mean ~5k tokens,
 OpenThoughts-like mean ~12k, ~1.5% beyond 32k) as parquet, the format the hub serves smoltalk2 in
 (and, for comparison, as jsonl.gz), then measures in one run:
-  1. the bare encoder: the same ChatML texts, already rendered and in memory, encoded with the
+  1. `prep build --mix nemotron=0.5,ot3=0.5` on those files, as a subprocess, from the parquet
+     to finished shards (start-up, reading, parsing, rendering, tokenizing, packing, writing,
+     hashing), and a 1-document build: its fixed start-up cost;
+  2. the bare encoder: the same ChatML texts, already rendered and in memory, encoded with the
      same tiktoken encoding on one thread per core (the tokenizer's own limit on this machine),
      both one call per text and one call per batch of texts as the build makes them
      (Encoder.encode_batch); the faster of the two is the reference;
-  2. `prep build --mix nemotron=0.5,ot3=0.5` on those files, as a subprocess, from the parquet
-     to finished shards (reading, parsing, rendering, tokenizing, packing, writing, hashing).
 and prints the ratio (goal >= 0.85), BFD fill at 32k (goal >= 99.8%), tokens kept (goal 100%) and
 peak RSS.
+
+Why the two are interleaved in slices: the speed of this shared 2-core machine moves by up to 2x
+within a minute, so a build and a bare run measured one after the other gave ratios from 0.48 to
+1.36 for the same code. Instead, every --slice seconds the build is stopped (SIGSTOP), the bare
+encoder runs for --slice seconds, and the build goes on (SIGCONT), so both see the same machine.
+The build's time is the time it was running. The bare encoder's time in a slice is each thread's
+span up to the end of its last call, so the idle wait for the slice's last call never counts
+against it.
+`--calibrate` checks the method: it slices a process that runs the bare encoder itself, which
+should come out at 1.00 (it gave 0.95-1.02 here).
+
+Why 200M tokens by default: the build's start-up (imports, of which `datasets` alone is ~0.8 s,
+and loading the tokenizer) is a fixed ~1.6 s, which at 50M is 15-20% of the bare encoder's time
+on 2 cores but nothing in a real build of billions of tokens. Both sizes are quoted in the README.
 """
 
 import argparse
+import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,26 +82,126 @@ def make_corpus(work: Path, num_tokens: int, suffix: str) -> dict[str, Path]:
     return paths
 
 
-def run_prep(paths: dict[str, Path], num_tokens: int, out: Path) -> tuple[dict, float, float]:
-    """Manifest, wall seconds and peak RSS (MB) of one `prep build` subprocess."""
-    cmd = [str(ROOT / ".venv/bin/prep"), "build", "--mix", "nemotron=0.5,ot3=0.5", "--overwrite", "--no-progress",
-           "--source", f"nemotron={paths['nemotron']}", "--source", f"ot3={paths['ot3']}",
-           "--max-tokens", str(num_tokens), "--out", str(out)]
+def prep_command(paths: dict[str, Path], num_tokens: int, out: Path) -> list[str]:
+    return [str(ROOT / ".venv/bin/prep"), "build", "--mix", "nemotron=0.5,ot3=0.5", "--overwrite", "--no-progress",
+            "--source", f"nemotron={paths['nemotron']}", "--source", f"ot3={paths['ot3']}",
+            "--max-tokens", str(num_tokens), "--out", str(out)]
+
+
+class BareEncoder:
+    """The reference: the rendered texts in memory, encoded on one thread per core, in slices.
+    Slices alternate between one call per batch (as the build calls it) and one call per text."""
+
+    def __init__(self, encoder, texts: list[str]):
+        from prep.build import batches
+
+        self.workers = os.cpu_count()
+        self.pool = ThreadPoolExecutor(self.workers)
+        self.modes = {
+            "batched": (encoder.encode_batch, itertools.cycle(list(batches(([t] for t in texts), lambda d: len(d[0]))))),
+            "per text": (lambda text: [encoder.encode(text)], itertools.cycle(texts)),
+        }
+        self.turns = itertools.cycle(self.modes)
+        self.tokens, self.seconds = Counter(), Counter()  # per mode, since the last reset()
+
+    def run_slice(self, seconds: float) -> None:
+        """Keep every thread busy for about `seconds`, then let the calls still running finish.
+        The slice's time is each thread's span from the start to the end of its last call,
+        averaged over the threads: gaps between calls count, the idle tail at the end does not."""
+        mode = next(self.turns)
+        encode, work = self.modes[mode]
+
+        def timed(item) -> tuple[int, int, float]:
+            num_tokens = sum(len(ids) for ids in encode(item))
+            return num_tokens, threading.get_ident(), time.perf_counter()
+
+        start = time.perf_counter()
+        deadline, running, last_end = start + seconds, set(), {}
+        while True:
+            while len(running) < 2 * self.workers and time.perf_counter() < deadline:
+                running.add(self.pool.submit(timed, next(work)))
+            if not running:
+                break
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                num_tokens, thread, end = future.result()
+                self.tokens[mode] += num_tokens
+                last_end[thread] = max(end, last_end.get(thread, end))
+        self.seconds[mode] += sum(end - start for end in last_end.values()) / self.workers
+
+    def rates(self) -> dict[str, float]:
+        """Tokens/s per mode, over the slices since the last reset()."""
+        return {mode: self.tokens[mode] / self.seconds[mode] for mode in self.modes if self.seconds[mode]}
+
+    def reset(self) -> None:
+        self.tokens.clear()
+        self.seconds.clear()
+
+
+def run_sliced(cmd: list[str], bare: BareEncoder, slice_s: float, log: Path, ready_line: bool = False):
+    """Run cmd, stopping it every slice_s seconds of its running for a slice of the bare encoder.
+    Returns the process, its running seconds and its peak RSS (MB). With ready_line, the clock
+    starts when the process prints its first line (--calibrate's child, after loading its texts)."""
     import psutil
 
-    start = time.perf_counter()
-    log = out.with_name(out.name + ".log")
-    proc = subprocess.Popen(cmd, stderr=log.open("w"))
-    peak = 0
-    while proc.poll() is None:  # sampled every 20 ms: the build's memory is flat, not spiky
-        try:
-            peak = max(peak, psutil.Process(proc.pid).memory_info().rss)
-        except psutil.NoSuchProcess:
+    proc = subprocess.Popen(cmd, stderr=log.open("w"), stdout=subprocess.PIPE if ready_line else None, text=True)
+    if ready_line:
+        proc.stdout.readline()
+    running, peak = 0.0, 0
+    while True:
+        start = time.perf_counter()
+        while proc.poll() is None and time.perf_counter() - start < slice_s:
+            try:  # the build's memory is flat, not spiky: a sample every ~5 ms is plenty
+                peak = max(peak, psutil.Process(proc.pid).memory_info().rss)
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(0.005)
+        running += time.perf_counter() - start
+        if proc.poll() is not None:
             break
-        time.sleep(0.02)
-    seconds = time.perf_counter() - start
-    assert proc.wait() == 0, f"prep build failed ({proc.returncode}): {log.read_text()[-2000:]}"
-    return json.loads((out / "manifest.json").read_text()), seconds, peak / 2**20
+        proc.send_signal(signal.SIGSTOP)
+        bare.run_slice(slice_s)
+        proc.send_signal(signal.SIGCONT)
+    assert proc.returncode == 0, f"{cmd[:2]} failed ({proc.returncode}): {log.read_text()[-2000:]}"
+    return proc, running, peak / 2**20
+
+
+def sliced_build(paths, num_tokens, out: Path, bare: BareEncoder, slice_s: float) -> dict:
+    """One `prep build`, sliced with the bare encoder: its manifest, running seconds, RSS, reference rate."""
+    bare.reset()
+    _, seconds, rss = run_sliced(prep_command(paths, num_tokens, out), bare, slice_s, out.with_name(out.name + ".log"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"manifest": manifest, "seconds": seconds, "rss": rss, "rates": bare.rates()}
+
+
+def bare_child(texts_path: str) -> None:
+    """--calibrate's child: the bare encoder on the texts, batched, as fast as it goes; prints the tokens."""
+    from prep.build import batches
+    from prep.tokenize import load_encoder
+    import pyarrow as pa
+
+    encoder = load_encoder()
+    texts = pa.ipc.open_file(texts_path).read_all().column(0).to_pylist()
+    work = list(batches(([t] for t in texts), lambda d: len(d[0])))
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        print("ready", flush=True)
+        print(sum(len(ids) for docs in pool.map(encoder.encode_batch, work) for ids in docs), flush=True)
+
+
+def calibrate(texts: list[str], bare: BareEncoder, work: Path, slice_s: float) -> float:
+    """The ratio the method gives for the bare encoder against itself (should be 1.00)."""
+    import pyarrow as pa
+
+    path = work / "bench-texts.arrow"
+    table = pa.table({"text": texts})
+    with pa.ipc.new_file(path, table.schema) as writer:
+        writer.write_table(table)
+    bare.reset()
+    proc, seconds, _ = run_sliced([sys.executable, __file__, "--bare-child", str(path)], bare, slice_s,
+                                  work / "calibrate.log", ready_line=True)
+    num_tokens = int(proc.stdout.readline())
+    path.unlink()
+    return num_tokens / seconds / max(bare.rates().values())
 
 
 def rendered_texts(paths: dict[str, Path], limit_docs: dict[str, int]) -> list[str]:
@@ -98,25 +218,17 @@ def rendered_texts(paths: dict[str, Path], limit_docs: dict[str, int]) -> list[s
     return texts
 
 
-def bare_encoder(encoder, texts: list[str], batched: bool) -> tuple[int, float]:
-    """Tokens and seconds to encode texts already in memory with one thread per core: one call per
-    text, or (batched) one call per CHUNK_CHARS characters of texts, as the build makes them."""
-    from prep.build import batches
-
-    work = list(batches(iter(texts), len)) if batched else [[text] for text in texts]
-    encode = encoder.encode_batch if batched else (lambda batch: [encoder.encode(batch[0])])
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        start = time.perf_counter()
-        num_tokens = sum(len(ids) for docs in pool.map(encode, work) for ids in docs)
-        return num_tokens, time.perf_counter() - start
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=float, default=50e6, help="corpus size in tokens (default 50M)")
+    parser.add_argument("--tokens", type=float, default=200e6, help="corpus size in tokens (default 200M)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is shown")
+    parser.add_argument("--slice", type=float, default=1.0, help="seconds per slice of build / bare encoder")
+    parser.add_argument("--calibrate", action="store_true", help="also slice the bare encoder against itself")
     parser.add_argument("--work", default=str(ROOT / "bench"), help="where the corpus and shards go")
+    parser.add_argument("--bare-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_child:
+        return bare_child(args.bare_child)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     num_tokens = int(args.tokens)
@@ -129,47 +241,55 @@ def main():
 
     from prep.tokenize import load_encoder
 
-    runs = {"parquet": [], "jsonl.gz": [], "bare": [], "bare batched": [], "start-up": []}
-    texts = encoder = None
-    for rep in range(args.repeats):  # interleaved, so a slow moment of the machine hits all alike
-        manifest, seconds, rss = run_prep(paths, num_tokens, work / "shards")
-        runs["parquet"].append((seconds, rss))
-        gz_manifest, seconds, rss = run_prep(gz_paths, num_tokens, work / "shards-gz")
-        runs["jsonl.gz"].append((seconds, rss))
-        _, seconds, _ = run_prep(paths, 1, work / "shards-tiny")  # one document: the fixed cost
-        runs["start-up"].append((seconds, 0))
-        if texts is None:
-            encoder = load_encoder(manifest["tokenizer"]["name"])
-            texts = rendered_texts(paths, {s["name"]: s["rows_read"] for s in manifest["sources"]})
-        bare_tokens, seconds = bare_encoder(encoder, texts, batched=False)
-        runs["bare"].append((seconds, 0))
-        _, seconds = bare_encoder(encoder, texts, batched=True)
-        runs["bare batched"].append((seconds, 0))
-    seconds = {k: statistics.median(s for s, _ in v) for k, v in runs.items()}
+    # One plain build first: it says which rows the build takes (the bare encoder gets the same texts)
+    # and warms the page cache for every run after it.
+    out = work / "shards"
+    subprocess.run(prep_command(paths, num_tokens, out), check=True, stderr=subprocess.DEVNULL)
+    manifest = json.loads((out / "manifest.json").read_text())
+    encoder = load_encoder(manifest["tokenizer"]["name"])
+    texts = rendered_texts(paths, {s["name"]: s["rows_read"] for s in manifest["sources"]})
+    bare = BareEncoder(encoder, texts)
+
+    runs = {"parquet": [], "jsonl.gz": [], "start-up": []}
+    for rep in range(args.repeats):
+        runs["parquet"].append(sliced_build(paths, num_tokens, out, bare, args.slice))
+        runs["jsonl.gz"].append(sliced_build(gz_paths, num_tokens, work / "shards-gz", bare, args.slice))
+        runs["start-up"].append(sliced_build(paths, 1, work / "shards-tiny", bare, args.slice))  # one document
+
+    def ratios(kind: str, minus_startup: bool = False) -> list[float]:
+        """Per run: the build's tokens/s over the faster bare mode's tokens/s in the same run's slices."""
+        out = []
+        for run, startup in zip(runs[kind], runs["start-up"]):
+            seconds = run["seconds"] - (startup["seconds"] if minus_startup else 0)
+            out.append(run["manifest"]["counts"]["tokens"] / seconds / max(run["rates"].values()))
+        return out
+
+    def show(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f}" + (f" (runs: {', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else "")
+
+    manifest = runs["parquet"][-1]["manifest"]
     c = manifest["counts"]
-    prep_rate = c["tokens"] / seconds["parquet"]
-    # the reference is the faster way to call the tokenizer: one call per text, or batched as the build does
-    bare_rate = bare_tokens / min(seconds["bare"], seconds["bare batched"])
-    steady_rate = c["tokens"] / (seconds["parquet"] - seconds["start-up"])
-    gz_rate = gz_manifest["counts"]["tokens"] / seconds["jsonl.gz"]
+    median = lambda kind, key: statistics.median(run[key] for run in runs[kind])  # noqa: E731
+    rate = {mode: statistics.median(run["rates"][mode] for run in runs["parquet"]) for mode in bare.modes}
     input_tokens = c["tokens"] + c["truncated_tokens"] + c["dropped_tokens"]
     print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
-          f"median of {args.repeats} runs each")
-    print(f"bare encoder ({encoder.kind}, {os.cpu_count()} threads, texts in memory): {bare_tokens / 1e6:.1f} M tokens "
-          f"in {seconds['bare']:.1f} s called per text, {seconds['bare batched']:.1f} s called per batch "
-          f"(Encoder.encode_batch); the faster, {bare_rate / 1e6:.2f} M tokens/s, is the reference")
-    print(f"prep build, parquet -> shards: {c['tokens'] / 1e6:.1f} M tokens in {seconds['parquet']:.1f} s = "
-          f"{prep_rate / 1e6:.2f} M tokens/s")
-    print(f"ratio prep / bare encoder, end to end: {prep_rate / bare_rate:.2f}  (goal >= 0.85)")
-    print(f"  start-up (imports, tokenizer, opening sources; a 1-document build): {seconds['start-up']:.1f} s; "
-          f"after it: {steady_rate / 1e6:.2f} M tokens/s, ratio {steady_rate / bare_rate:.2f}")
-    print(f"  same corpus as jsonl.gz: {gz_rate / 1e6:.2f} M tokens/s, ratio {gz_rate / bare_rate:.2f} "
-          "(gunzip and JSON parsing share the same 2 cores)")
+          f"median of {args.repeats} runs each, build and bare encoder interleaved in {args.slice:g} s slices")
+    print(f"bare encoder ({encoder.kind}, {bare.workers} threads, texts in memory): {rate['batched'] / 1e6:.2f} M tokens/s "
+          f"called per batch (Encoder.encode_batch), {rate['per text'] / 1e6:.2f} M tokens/s called per text; "
+          "in each run the faster is the reference")
+    print(f"prep build, parquet -> shards: {c['tokens'] / 1e6:.1f} M tokens in {median('parquet', 'seconds'):.1f} s = "
+          f"{c['tokens'] / median('parquet', 'seconds') / 1e6:.2f} M tokens/s")
+    print(f"ratio prep / bare encoder, end to end: {show(ratios('parquet'))}  (goal >= 0.85)")
+    print(f"  start-up (imports, tokenizer, opening sources; a 1-document build): {median('start-up', 'seconds'):.1f} s; "
+          f"after it: ratio {show(ratios('parquet', minus_startup=True))}")
+    print(f"  same corpus as jsonl.gz: ratio {show(ratios('jsonl.gz'))} (gunzip and JSON parsing share the same cores)")
+    if args.calibrate:
+        print(f"  the method against itself (--calibrate, should be 1.00): {calibrate(texts, bare, work, args.slice):.2f}")
     print(f"BFD fill at {manifest['seq_len']}: {c['tokens'] / (c['sequences'] * manifest['seq_len']):.3%}  (goal >= 99.8%)")
     print(f"tokens kept: {c['tokens'] / input_tokens:.3%} ({c['split']} documents split, none truncated or dropped)"
           f"  (goal 100%)")
-    print(f"peak RSS of prep build: {max(r for _, r in runs['parquet']):.0f} MB parquet, "
-          f"{max(r for _, r in runs['jsonl.gz']):.0f} MB jsonl.gz")
+    print(f"peak RSS of prep build: {max(r['rss'] for r in runs['parquet']):.0f} MB parquet, "
+          f"{max(r['rss'] for r in runs['jsonl.gz']):.0f} MB jsonl.gz")
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ def test_resume_skips_finished_work(tmp_path, corpus, monkeypatch):
     done_rows = sum(st["rows_read"] for st in prep.state.load(out)[0]["stats"])
     monkeypatch.setattr(prep.state, "save", save)
     encoded = []
-    real_render = prep.build.render
-    monkeypatch.setattr(prep.build, "render", lambda m: encoded.append(1) or real_render(m))
+    real_render = prep.build.render_parts
+    monkeypatch.setattr(prep.build, "render_parts", lambda m: encoded.append(1) or real_render(m))
     manifest = build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
     total_rows = sum(s["rows_read"] for s in manifest["sources"])
     in_flight = 2 * (os.cpu_count() + 2)  # batches ahead per source (build.py), 2 sources

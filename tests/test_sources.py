@@ -60,9 +60,16 @@ def test_render_equals_apply_chat_template(encoder):
     assert [text[s:e] for s, e in spans] == ["<think>\nadd\n</think>\n\n4<|im_end|>"]
 
 
-def test_render_rejects_lone_surrogates():
-    with pytest.raises(Reject, match="lone_surrogate"):
-        render([("user", "bad \ud800 text")])
+def test_lone_surrogates_are_rejected_paired_ones_kept(tmp_path):
+    """JSON escapes can spell a surrogate no other one pairs up: not valid Unicode, so the row is
+    rejected; a pair (an emoji written with ensure_ascii) and a quoted backslash are fine."""
+    good = {"messages": [{"role": "user", "content": "emoji \U0001F600, path C:\\ud800"}]}
+    bad = {"messages": [{"role": "user", "content": "ok"}], "source": "bad \ud800 tail"}
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good, bad, good)))
+    assert "\\ud83d\\ude00" in (tmp_path / "s.jsonl").read_text()  # the emoji is an escaped pair
+    rows = list(iter_rows(str(tmp_path / "s.jsonl")))
+    assert rows[0] == rows[2] == good
+    assert isinstance(rows[1], Reject) and rows[1].args == ("lone_surrogate",)
 
 
 def write_all_kinds(tmp_path):
@@ -110,6 +117,18 @@ def test_broken_lines_are_counted_not_fatal(tmp_path):
     rows = list(iter_rows(str(path)))
     reasons = [r.args[0] if isinstance(r, Reject) else "ok" for r in rows]
     assert reasons == ["ok", "bad_json", "bad_json", "not_an_object", "invalid_utf8", "ok"]
+
+
+def test_invalid_utf8_in_parquet_is_counted_not_fatal(tmp_path):
+    """Arrow doesn't check the strings it reads from parquet; a bad one costs its row, not the build."""
+    content = pa.array([b"fine", b"bad \xff byte", b"also fine"], pa.binary()).view(pa.string())
+    element = pa.StructArray.from_arrays([pa.array(["user"] * 3), content], ["role", "content"])
+    table = pa.table({"messages": pa.ListArray.from_arrays(pa.array([0, 1, 2, 3], pa.int32()), element)})
+    pq.write_table(table, tmp_path / "bad.parquet")
+    rows = list(iter_rows(str(tmp_path / "bad.parquet")))
+    assert rows[0] == {"messages": [{"role": "user", "content": "fine"}]}
+    assert isinstance(rows[1], Reject) and rows[1].args == ("invalid_utf8",)
+    assert rows[2] == {"messages": [{"role": "user", "content": "also fine"}]}
 
 
 def test_hub_path_with_a_local_dataset_repo(tmp_path):

@@ -70,22 +70,29 @@ def test_encode_batch_equals_encoding_each_text(encoder):
     text must still get exactly its own ids, whatever sits at the seams."""
     seams = ["", "", "<|im_", "end|>", "<|reserved_special_token_2", "47|>", " " * 7, "\r", "\n\n", "<think>", "'"]
     texts = wide_texts() + seams
-    random.Random(1).shuffle(texts)
+    rng = random.Random(1)
+    rng.shuffle(texts)
     expected = [encoder.backend.encode(text, add_special_tokens=False).ids for text in texts]
-    assert [ids.tolist() for ids in encoder.encode_batch(texts)] == expected
+    assert [ids.tolist() for ids in encoder.encode_batch([[text] for text in texts])] == expected
+    # a document comes as the parts it concatenates; where they are cut doesn't matter
+    cuts = [sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1))) for text in texts]
+    parts = [[text[a:b] for a, b in zip([0, *cut], [*cut, len(text)])] for text, cut in zip(texts, cuts)]
+    assert ["".join(p) for p in parts] == texts and any(len(p) > 2 for p in parts)
+    assert [ids.tolist() for ids in encoder.encode_batch(parts)] == expected
 
 
 def test_encode_batch_is_one_call_unless_a_text_holds_the_separator(encoder, monkeypatch):
     calls, real = [], encoder.fast.encode_to_numpy
     monkeypatch.setattr(encoder.fast, "encode_to_numpy", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     texts = ["a b", "c\n", " d", "<|im_start|>user\nhi<|im_end|>\n"]
-    assert [ids.tolist() for ids in encoder.encode_batch(texts)] == [encoder.encode(t).tolist() for t in texts]
+    batch = encoder.encode_batch([[text] for text in texts])
+    assert [ids.tolist() for ids in batch] == [encoder.encode(t).tolist() for t in texts]
     assert len(calls) == 1 + len(texts)  # the batch, then the reference calls
     calls.clear()
-    texts = ["x" + encoder.separator + "y", "z"]
-    expected = [encoder.backend.encode(text, add_special_tokens=False).ids for text in texts]
-    assert [ids.tolist() for ids in encoder.encode_batch(texts)] == expected
-    assert len(calls) == 2  # text by text
+    docs = [["x", encoder.separator[:5], encoder.separator[5:] + "y"], ["z"]]  # the separator across two parts
+    expected = [encoder.backend.encode("".join(doc), add_special_tokens=False).ids for doc in docs]
+    assert [ids.tolist() for ids in encoder.encode_batch(docs)] == expected
+    assert len(calls) == 2  # document by document
 
 
 def test_base_vocab_equals_meta_llama3_tokenizer(encoder):
