@@ -218,9 +218,9 @@ class Encoder:
         self.name, self.tokenizer_json = name, Path(tokenizer_json)
         key = hashlib.sha256(self.tokenizer_json.read_bytes()).hexdigest()[:32]
         meta_path = cache_dir() / "encoders" / f"{key}.json"
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-        else:
+        ranks_path = meta_path.with_suffix(".ranks.npz")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        if meta is None or not (meta["fallback_reason"] or ranks_path.exists()):  # no cache, or an older layout
             meta = self._inspect()
             _write_cache(meta_path, meta, getattr(self, "_ranks", None))
         self.vocab_size, self.fingerprint, self.pad_id = meta["vocab_size"], meta["fingerprint"], meta["pad_id"]
@@ -228,9 +228,8 @@ class Encoder:
         self.fast = self.separator = None
         if not self.fallback_reason:
             import tiktoken
-            from tiktoken.load import load_tiktoken_bpe
 
-            ranks = getattr(self, "_ranks", None) or load_tiktoken_bpe(str(meta_path.with_suffix(".tiktoken")))
+            ranks = getattr(self, "_ranks", None) or _load_ranks(ranks_path)
             self.fast = tiktoken.Encoding(name="twin", pat_str=meta["pattern"], mergeable_ranks=ranks,
                                           special_tokens=meta["special_tokens"])
             # encode_batch joins texts with the last special token (a reserved one in Llama-3 vocabularies)
@@ -305,18 +304,31 @@ class Encoder:
 
 
 def _write_cache(meta_path: Path, meta: dict, ranks: dict[bytes, int] | None) -> None:
-    """Ranks in tiktoken's own file format (base64 token, rank), then the metadata; each atomically."""
-    import base64
-
+    """The ranks, then the metadata, each atomically (the metadata's presence means the cache is whole)."""
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     if ranks is not None:
-        lines = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1]))
-        tmp = meta_path.with_suffix(f".tiktoken.tmp{os.getpid()}")
-        tmp.write_text(lines)
-        os.replace(tmp, meta_path.with_suffix(".tiktoken"))
+        tmp = meta_path.with_suffix(f".ranks.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            _save_ranks(f, ranks)
+        os.replace(tmp, meta_path.with_suffix(".ranks.npz"))
     tmp = meta_path.with_suffix(f".json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(meta))
     os.replace(tmp, meta_path)
+
+
+def _save_ranks(file, ranks: dict[bytes, int]) -> None:
+    """Tokens as one byte string plus end offsets, in rank order: loading it takes ~0.05 s where
+    tiktoken's own base64 text format took 0.12-0.23 s, on every start of every command."""
+    tokens = sorted(ranks, key=ranks.get)
+    np.savez(file, blob=np.frombuffer(b"".join(tokens), dtype=np.uint8),
+             ends=np.cumsum([len(t) for t in tokens], dtype=np.int64),
+             ranks=np.array([ranks[t] for t in tokens], dtype=np.int64))
+
+
+def _load_ranks(path: Path) -> dict[bytes, int]:
+    with np.load(path, allow_pickle=False) as arrays:
+        blob, ends, ranks = arrays["blob"].tobytes(), arrays["ends"].tolist(), arrays["ranks"].tolist()
+    return {blob[start:end]: rank for start, end, rank in zip([0, *ends[:-1]], ends, ranks)}
 
 
 def tokenizer_file(name_or_path: str = DEFAULT_TOKENIZER) -> Path:

@@ -1,8 +1,9 @@
 """Benchmark `prep build` end to end against the bare encoder on the same rendered texts.
 
-    .venv/bin/python scripts/bench_prep.py                  # 200M tokens, 3 runs (about 12 min on 2 cores)
-    .venv/bin/python scripts/bench_prep.py --tokens 50e6    # the smallest size the goal is set at (about 4 min)
+    .venv/bin/python scripts/bench_prep.py                  # 200M tokens, 3 runs (about 13 min on 2 cores)
+    .venv/bin/python scripts/bench_prep.py --tokens 50e6    # the smallest size the goal is set at (about 5 min)
     .venv/bin/python scripts/bench_prep.py --tokens 10e6 --repeats 1 --calibrate   # quick, and checks the method
+    .venv/bin/python scripts/bench_prep.py --tokens 50e6 --repeats 4 --against ../old/.venv/bin/prep   # A/B two versions
 
 It generates a corpus with realistic lengths (scripts/synth.py: Nemotron-like mean ~5k tokens,
 OpenThoughts-like mean ~12k, ~1.5% beyond 32k) as parquet, the format the hub serves smoltalk2 in
@@ -25,7 +26,11 @@ The build's time is the time it was running. The bare encoder's time in a slice 
 span up to the end of its last call, so the idle wait for the slice's last call never counts
 against it.
 `--calibrate` checks the method: it slices a process that runs the bare encoder itself, which
-should come out at 1.00 (it gave 0.95-1.02 here).
+should come out at 1.00 (it gave 0.93-1.05 here). Runs within one invocation agree within ~0.05,
+but invocations minutes apart gave 0.76 and 0.88 for two versions that race as equals, because
+the machine's slow moments don't slow the build and the bare encoder alike. To tell whether a change
+to prep helps, race the two versions with `--against`: each build runs a slice while the other is
+stopped, which compares like with like.
 
 Why 200M tokens by default: the build's start-up (imports, of which `datasets` alone is ~0.8 s,
 and loading the tokenizer) is a fixed ~1.6 s, which at 50M is 15-20% of the bare encoder's time
@@ -82,8 +87,11 @@ def make_corpus(work: Path, num_tokens: int, suffix: str) -> dict[str, Path]:
     return paths
 
 
+PREP = [str(ROOT / ".venv/bin/prep")]  # --prep replaces it, to compare another version on the same corpus
+
+
 def prep_command(paths: dict[str, Path], num_tokens: int, out: Path) -> list[str]:
-    return [str(ROOT / ".venv/bin/prep"), "build", "--mix", "nemotron=0.5,ot3=0.5", "--overwrite", "--no-progress",
+    return [*PREP, "build", "--mix", "nemotron=0.5,ot3=0.5", "--overwrite", "--no-progress",
             "--source", f"nemotron={paths['nemotron']}", "--source", f"ot3={paths['ot3']}",
             "--max-tokens", str(num_tokens), "--out", str(out)]
 
@@ -204,6 +212,45 @@ def calibrate(texts: list[str], bare: BareEncoder, work: Path, slice_s: float) -
     return num_tokens / seconds / max(bare.rates().values())
 
 
+def head_to_head(commands: dict[str, list[str]], slice_s: float) -> dict[str, float]:
+    """Builds taking turns: each runs slice_s seconds while the others are stopped, so a change to
+    prep is measured against another version on the same machine moment. Running seconds of each."""
+    procs = {}
+    for name, cmd in commands.items():
+        procs[name] = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        procs[name].send_signal(signal.SIGSTOP)
+    running = dict.fromkeys(commands, 0.0)
+    while any(proc.poll() is None for proc in procs.values()):
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                continue
+            alone = all(other.poll() is not None for other in procs.values() if other is not proc)
+            proc.send_signal(signal.SIGCONT)
+            start = time.perf_counter()
+            while proc.poll() is None and (alone or time.perf_counter() - start < slice_s):
+                time.sleep(0.002)
+            running[name] += time.perf_counter() - start
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGSTOP)
+    failed = {name: proc.returncode for name, proc in procs.items() if proc.returncode}
+    assert not failed, f"builds failed: {failed}"
+    return running
+
+
+def compare(other: str, paths: dict[str, Path], num_tokens: int, work: Path, repeats: int, slice_s: float) -> None:
+    """--against: this prep and another, head to head on the parquet corpus; which one goes first alternates."""
+    commands = {"this": prep_command(paths, num_tokens, work / "shards-this"),
+                "other": [*other.split(), *prep_command(paths, num_tokens, work / "shards-other")[1:]]}
+    speedups = []
+    for rep in range(repeats):
+        order = list(commands) if rep % 2 == 0 else list(commands)[::-1]
+        seconds = head_to_head({name: commands[name] for name in order}, slice_s)
+        speedups.append(seconds["other"] / seconds["this"])
+        print(f"run {rep + 1}: this {seconds['this']:.2f} s, other {seconds['other']:.2f} s", flush=True)
+    print(f"this prep is {statistics.median(speedups):.3f}x the speed of {other!r} "
+          f"(median of {repeats}; runs: {', '.join(f'{v:.3f}' for v in speedups)})")
+
+
 def rendered_texts(paths: dict[str, Path], limit_docs: dict[str, int]) -> list[str]:
     """The ChatML texts of the rows the build used, in memory, for the bare encoder."""
     from prep.render import render
@@ -225,8 +272,13 @@ def main():
     parser.add_argument("--slice", type=float, default=1.0, help="seconds per slice of build / bare encoder")
     parser.add_argument("--calibrate", action="store_true", help="also slice the bare encoder against itself")
     parser.add_argument("--work", default=str(ROOT / "bench"), help="where the corpus and shards go")
+    parser.add_argument("--prep", help="the prep command to measure, e.g. another checkout's (default: this one's)")
+    parser.add_argument("--against", metavar="PREP", help="instead, race this prep against another prep command, "
+                        "taking turns in slices, and print the speed ratio")
     parser.add_argument("--bare-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.prep:
+        PREP[:] = args.prep.split()
     if args.bare_child:
         return bare_child(args.bare_child)
     work = Path(args.work)
@@ -238,6 +290,9 @@ def main():
     gz_paths = make_corpus(work, num_tokens, ".jsonl.gz")
     print(f"corpus: {', '.join(f'{p.name} {p.stat().st_size / 1e6:.0f} MB' for p in [*paths.values(), *gz_paths.values()])} "
           f"({time.perf_counter() - t:.0f} s)")
+
+    if args.against:
+        return compare(args.against, paths, num_tokens, work, args.repeats, args.slice)
 
     from prep.tokenize import load_encoder
 
@@ -269,7 +324,9 @@ def main():
 
     manifest = runs["parquet"][-1]["manifest"]
     c = manifest["counts"]
-    median = lambda kind, key: statistics.median(run[key] for run in runs[kind])  # noqa: E731
+    def median_seconds(kind: str) -> float:
+        return statistics.median(run["seconds"] for run in runs[kind])
+
     rate = {mode: statistics.median(run["rates"][mode] for run in runs["parquet"]) for mode in bare.modes}
     input_tokens = c["tokens"] + c["truncated_tokens"] + c["dropped_tokens"]
     print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
@@ -277,10 +334,10 @@ def main():
     print(f"bare encoder ({encoder.kind}, {bare.workers} threads, texts in memory): {rate['batched'] / 1e6:.2f} M tokens/s "
           f"called per batch (Encoder.encode_batch), {rate['per text'] / 1e6:.2f} M tokens/s called per text; "
           "in each run the faster is the reference")
-    print(f"prep build, parquet -> shards: {c['tokens'] / 1e6:.1f} M tokens in {median('parquet', 'seconds'):.1f} s = "
-          f"{c['tokens'] / median('parquet', 'seconds') / 1e6:.2f} M tokens/s")
+    print(f"prep build, parquet -> shards: {c['tokens'] / 1e6:.1f} M tokens in {median_seconds('parquet'):.1f} s = "
+          f"{c['tokens'] / median_seconds('parquet') / 1e6:.2f} M tokens/s")
     print(f"ratio prep / bare encoder, end to end: {show(ratios('parquet'))}  (goal >= 0.85)")
-    print(f"  start-up (imports, tokenizer, opening sources; a 1-document build): {median('start-up', 'seconds'):.1f} s; "
+    print(f"  start-up (imports, tokenizer, opening sources; a 1-document build): {median_seconds('start-up'):.1f} s; "
           f"after it: ratio {show(ratios('parquet', minus_startup=True))}")
     print(f"  same corpus as jsonl.gz: ratio {show(ratios('jsonl.gz'))} (gunzip and JSON parsing share the same cores)")
     if args.calibrate:

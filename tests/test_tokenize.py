@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from prep.tokenize import CHATML_TEMPLATE, Encoder, smollm3_special_tokens
+from prep.tokenize import CHATML_TEMPLATE, Encoder, _load_ranks, smollm3_special_tokens
 
 
 def wide_texts() -> list[str]:
@@ -152,7 +152,8 @@ def test_cached_encoder_equals_fresh(encoder, tmp_path, monkeypatch):
     monkeypatch.setenv("PREP_CACHE", str(tmp_path))
     fresh = Encoder(encoder.tokenizer_json, "smol")
     cached = Encoder(encoder.tokenizer_json, "smol")
-    assert len(list((tmp_path / "encoders").glob("*.tiktoken"))) == 1
+    assert len(list((tmp_path / "encoders").glob("*.ranks.npz"))) == 1
+    assert _load_ranks(next((tmp_path / "encoders").glob("*.ranks.npz"))) == fresh._ranks
     assert cached.kind == fresh.kind == "tiktoken" and cached.fingerprint == fresh.fingerprint
     for text in wide_texts():
         assert cached.encode(text).tolist() == fresh.encode(text).tolist() == encoder.backend.encode(
