@@ -166,8 +166,9 @@ def tokenized_docs(index: int, source: Source, cfg: BuildConfig, encoder: Encode
     seen_chars = seen_tokens = 0
     try:
         while True:
-            while len(queue) < in_flight and worth_reading_ahead() and (batch := next(unread, None)) is not None:
-                queue.append((sum(map(chars, batch)), pool.submit(encode, batch)))
+            while len(queue) < in_flight and worth_reading_ahead() and (ahead := next(unread, None)) is not None:
+                batch, batch_chars = ahead
+                queue.append((batch_chars, pool.submit(encode, batch)))
             if not queue:
                 return
             batch_chars, future = queue.popleft()
@@ -186,17 +187,18 @@ def tokenized_docs(index: int, source: Source, cfg: BuildConfig, encoder: Encode
             future.cancel()
 
 
-def batches(items: Iterator, chars_of) -> Iterator[list]:
-    """Consecutive items grouped until a group holds CHUNK_CHARS characters: one tokenizer call each."""
+def batches(items: Iterator, chars_of) -> Iterator[tuple[list, int]]:
+    """Consecutive items grouped until a group holds CHUNK_CHARS characters (one tokenizer call
+    each), with the characters each group holds."""
     batch, chars = [], 0
     for item in items:
         batch.append(item)
         chars += chars_of(item)
         if chars >= CHUNK_CHARS:
-            yield batch
+            yield batch, chars
             batch, chars = [], 0
     if batch:
-        yield batch
+        yield batch, chars
 
 
 def _ids_and_mask(encoder: Encoder, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

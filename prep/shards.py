@@ -31,6 +31,9 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
 
 
+BUILD_ID_KEY = "prep.build_id"  # schema metadata: which build wrote the shard
+
+
 def schema(seq_len: int, loss_mask: bool, build_id: str | None = None) -> pa.Schema:
     fields = [
         pa.field("input_ids", pa.list_(pa.uint32(), seq_len)),
@@ -40,7 +43,12 @@ def schema(seq_len: int, loss_mask: bool, build_id: str | None = None) -> pa.Sch
     if loss_mask:
         fields.append(pa.field("loss_mask", pa.list_(pa.uint8(), seq_len)))
     # the build id in every shard lets verify and the trainer spot a shard from another build cheaply
-    return pa.schema(fields, metadata={"prep.build_id": build_id} if build_id else None)
+    return pa.schema(fields, metadata={BUILD_ID_KEY: build_id} if build_id else None)
+
+
+def build_id_of(shard_schema: pa.Schema) -> str:
+    """The build id `schema()` wrote into a shard ("" when it has none)."""
+    return (shard_schema.metadata or {}).get(BUILD_ID_KEY.encode(), b"").decode()
 
 
 def unsafe_name(name) -> bool:

@@ -274,20 +274,20 @@ class Encoder:
         thread, per-document calls ran at half the speed of batched ones here, and even alone they
         were 6-15% slower. If the separator is not found once per seam (a document that contains it,
         or a special token straddling a seam) the batch is encoded document by document."""
-        if self.fast is None or self.separator is None or len(docs) < 2:
-            return [self.encode("".join(parts)) for parts in docs]
-        pieces = []
-        for parts in docs:
-            pieces += parts
-            pieces.append(self.separator)
-        joined = "".join(pieces[:-1])
-        if joined.count(self.separator) == len(docs) - 1:  # no document contains it
-            ids = self.fast.encode_to_numpy(joined, allowed_special="all")
-            seams = np.flatnonzero(ids == self.separator_id)
-            if len(seams) == len(docs) - 1:  # every separator became its own token
-                # copies: a view would keep the whole batch's ids alive as long as any one document waits to be packed
-                first, *rest = np.split(ids, seams)
-                return [first.copy()] + [piece[1:].copy() for piece in rest]
+        if self.fast is not None and self.separator is not None and len(docs) > 1:
+            pieces = []
+            for parts in docs:
+                pieces += parts
+                pieces.append(self.separator)
+            pieces.pop()
+            joined = "".join(pieces)
+            if joined.count(self.separator) == len(docs) - 1:  # no document contains it
+                ids = self.fast.encode_to_numpy(joined, allowed_special="all")
+                seams = np.flatnonzero(ids == self.separator_id)
+                if len(seams) == len(docs) - 1:  # every separator became its own token
+                    # copies: a view would keep the whole batch's ids alive as long as any one document waits to be packed
+                    first, *rest = np.split(ids, seams)
+                    return [first.copy()] + [piece[1:].copy() for piece in rest]
         return [self.encode("".join(parts)) for parts in docs]
 
     def encode_with_starts(self, text: str) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from prep.inspect import as_numpy, list_parts, load_manifest
-from prep.shards import MANIFEST, schema, sha256_file, unsafe_name
+from prep.shards import MANIFEST, build_id_of, schema, sha256_file, unsafe_name
 
 ROWS_SHOWN = 5  # bad rows listed per shard and check; the rest are counted
 # A stream writer closes with this marker; a file cut at a batch boundary reads fine without it.
@@ -155,7 +155,7 @@ def check_shard(path: Path, entry: dict, first_sequence: int, manifest: dict, to
                 return problems + [Problem("schema", f"{reader.schema.to_string(show_schema_metadata=False)!r} "
                                                      f"but expected {expected.to_string()!r}".replace("\\n", ", "),
                                            name)]
-            written_by = (reader.schema.metadata or {}).get(b"prep.build_id", b"").decode()
+            written_by = build_id_of(reader.schema)
             if written_by != manifest.get("build_id", ""):
                 problems.append(Problem("build", f"written by build {written_by[:23] or '(none)'}..., not this "
                                                  f"manifest's {str(manifest.get('build_id'))[:23]}...: a shard from "

@@ -47,7 +47,6 @@ import bench_prep  # noqa: E402
 import synth  # noqa: E402
 
 SEQ_LEN = 32768
-MIX = "nemotron=0.5,ot3=0.5"
 KINDS = ("nemotron", "ot3")
 # Set for every child: peers never reach the hub here, and without these datasets/transformers retry it for ~25-50 s.
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -118,9 +117,7 @@ def tokenizer_dir(work: Path) -> Path:
 
 
 def prep_cmd(corpus: dict[str, Path], num_tokens: int, tok: Path, out: Path, seq_len: int = SEQ_LEN) -> list[str]:
-    return [str(ROOT / ".venv/bin/prep"), "build", "--mix", MIX, "--overwrite", "--no-progress",
-            *itertools.chain.from_iterable(("--source", f"{k}={p}") for k, p in corpus.items()),
-            "--max-tokens", str(num_tokens), "--tokenizer", str(tok), "--seq-len", str(seq_len), "--out", str(out)]
+    return [*bench_prep.prep_command(corpus, num_tokens, out), "--tokenizer", str(tok), "--seq-len", str(seq_len)]
 
 
 def same_documents(work: Path, num_tokens: int, tok: Path) -> dict[str, Path]:

@@ -96,17 +96,22 @@ def prep_command(paths: dict[str, Path], num_tokens: int, out: Path) -> list[str
             "--max-tokens", str(num_tokens), "--out", str(out)]
 
 
+def text_batches(texts: list[str]) -> list[list[list[str]]]:
+    """The texts grouped as the build groups documents for Encoder.encode_batch (one part each)."""
+    from prep.build import batches
+
+    return [batch for batch, _ in batches(([text] for text in texts), lambda doc: len(doc[0]))]
+
+
 class BareEncoder:
     """The reference: the rendered texts in memory, encoded on one thread per core, in slices.
     Slices alternate between one call per batch (as the build calls it) and one call per text."""
 
     def __init__(self, encoder, texts: list[str]):
-        from prep.build import batches
-
         self.workers = os.cpu_count()
         self.pool = ThreadPoolExecutor(self.workers)
         self.modes = {
-            "batched": (encoder.encode_batch, itertools.cycle(list(batches(([t] for t in texts), lambda d: len(d[0]))))),
+            "batched": (encoder.encode_batch, itertools.cycle(text_batches(texts))),
             "per text": (lambda text: [encoder.encode(text)], itertools.cycle(texts)),
         }
         self.turns = itertools.cycle(self.modes)
@@ -184,13 +189,11 @@ def sliced_build(paths, num_tokens, out: Path, bare: BareEncoder, slice_s: float
 
 def bare_child(texts_path: str) -> None:
     """--calibrate's child: the bare encoder on the texts, batched, as fast as it goes; prints the tokens."""
-    from prep.build import batches
     from prep.tokenize import load_encoder
     import pyarrow as pa
 
     encoder = load_encoder()
-    texts = pa.ipc.open_file(texts_path).read_all().column(0).to_pylist()
-    work = list(batches(([t] for t in texts), lambda d: len(d[0])))
+    work = text_batches(pa.ipc.open_file(texts_path).read_all().column(0).to_pylist())
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         print("ready", flush=True)
         print(sum(len(ids) for docs in pool.map(encoder.encode_batch, work) for ids in docs), flush=True)

@@ -46,7 +46,6 @@ def test_help_shows_examples():
         assert result.exit_code == 0 and "prep build --mix nemotron=0.5,ot3=0.5" in result.output
 
 
-
 @pytest.mark.parametrize("args, code", [(["--help"], 0), (["build", "--mix", "bogus=1"], 2)])
 def test_console_script_skips_interpreter_teardown(args, code):
     """Arrow can abort an interpreter that shuts down while a closed parquet stream's scan thread

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prep.shards import read_manifest, sha256_file, unsafe_name
+from prep.shards import build_id_of, read_manifest, sha256_file, unsafe_name
 from prep.shards import schema as shard_schema
 
 IGNORE = -100
@@ -60,7 +60,7 @@ class PackedShards:
                 raise ValueError(f"{path}: sha256 differs from the manifest: the shard is corrupt; rebuild it with prep build")
             rows = 0
             reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-            if (reader.schema.metadata or {}).get(b"prep.build_id", b"").decode() != build_id:
+            if build_id_of(reader.schema) != build_id:
                 raise ValueError(f"{path} was written by another build than {self.dir}/manifest.json; "
                                  "run `prep verify` and rebuild")
             self._check_schema(path, reader.schema)  # a stream has one schema for all its batches
