@@ -32,8 +32,8 @@ the machine's slow moments don't slow the build and the bare encoder alike. To t
 to prep helps, race the two versions with `--against`: each build runs a slice while the other is
 stopped, which compares like with like.
 
-Why 200M tokens by default: the build's start-up (imports, of which `datasets` alone is ~0.8 s,
-and loading the tokenizer) is a fixed ~1.6 s, which at 50M is 15-20% of the bare encoder's time
+Why 200M tokens by default: the build's start-up (imports, of which `datasets` alone is ~0.9 s,
+and loading the tokenizer) is a fixed ~1.7 s, which at 50M is 15-20% of the bare encoder's time
 on 2 cores but nothing in a real build of billions of tokens. Both sizes are quoted in the README.
 """
 
