@@ -24,11 +24,52 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
 
-from train.parallel import barrier
+from train.parallel import barrier, unwrap
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+METRICS, SETTINGS = "metrics.jsonl", "settings.json"
 # DCP warns on every save and load without a process group; one process is a case we mean, not a mistake.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def prepare_output(cfg, rank: int) -> None:
+    """Refuse an --output that holds an earlier run unless --resume or --overwrite; --overwrite
+    deletes its checkpoints, metrics and model (rank 0, while the others wait)."""
+    output = Path(cfg.output)
+    earlier_run = bool(complete_checkpoints(cfg.output)) or (output / METRICS).exists()
+    if earlier_run and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{output} holds an earlier run: pass --resume to continue it, --overwrite to start over, "
+                         "or choose another --output")
+    if cfg.overwrite and rank == 0:
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)
+        shutil.rmtree(output / "model", ignore_errors=True)
+        for name in (METRICS, SETTINGS):
+            (output / name).unlink(missing_ok=True)
+    barrier()
+
+
+def write_settings(output: str, settings: dict, step: int) -> None:
+    """settings.json of the run, and metrics.jsonl cut back to `step`: after a resume from step k, the
+    lines of steps > k that the killed run had logged (and a line the kill cut in half) are dropped."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    path = output / METRICS
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            pass
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def append_metrics(output: str, record: dict) -> None:
+    with open(Path(output) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def checkpoints_dir(output: str) -> Path:
@@ -105,9 +146,10 @@ def load_latest(output: str, module, optimizer, loader, rank: int, world_size: i
     return int(state["step"])
 
 
-def export(output: str, module, hf_model, tokenizer, dtype: torch.dtype, rank: int) -> Path:
+def export(output: str, module, tokenizer, dtype: torch.dtype, rank: int) -> Path:
     """Collective: gather the full weights to rank 0 and write OUTPUT/model/ (safetensors, config,
     tokenizer), which `AutoModelForCausalLM.from_pretrained` loads. Written to model.tmp, then renamed."""
+    hf_model = unwrap(module).model
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = Path(output) / "model"
     if rank == 0:
