@@ -29,7 +29,7 @@ from prep.render import render, render_parts
 from prep.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, write_json_atomic
 from prep import state
 from prep.sources import Reject, Source, check_spec, iter_rows, local_files, resolve_sources, to_messages
-from prep.tokenize import DEFAULT_TOKENIZER, Encoder, load_encoder
+from prep.tokenizer import DEFAULT_TOKENIZER, Encoder, load_encoder
 
 NUM_EXAMPLES = 5  # rejected rows shown per source
 CHUNK_CHARS = 1 << 20  # characters of content per tokenizer call (~250k tokens, ~0.1 s of one core)

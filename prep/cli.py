@@ -18,9 +18,9 @@ from typing import Annotated, Optional
 import typer
 
 from prep.build import BuildConfig, build
-from prep.inspect import format_report, inspect, load_manifest, show
+from prep.inspection import format_report, inspect, load_manifest, show
 from prep.plot import plot
-from prep.tokenize import DEFAULT_TOKENIZER
+from prep.tokenizer import DEFAULT_TOKENIZER
 from prep.verify import verify
 
 app = typer.Typer(
@@ -127,7 +127,7 @@ BuildDir = Annotated[str, typer.Argument(help="A build directory: shard-*.arrow 
 def inspect_command(
     out_dir: BuildDir,
     as_json: Annotated[bool, typer.Option(
-        "--json", help="Print one JSON object instead of the table (keys documented in prep/inspect.py).")] = False,
+        "--json", help="Print one JSON object instead of the table (keys documented in prep/inspection.py).")] = False,
 ):
     """What a build holds: sequences, tokens, fill, documents per sequence, document length and token share per source.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prep.inspect import read_layout
+from prep.inspection import read_layout
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 

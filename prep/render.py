@@ -1,7 +1,7 @@
 """Rendering: one row's messages become one ChatML document.
 
 Exactly what the alignment-handbook SmolLM3 mid-training chat template renders (see
-`prep.tokenize.CHATML_TEMPLATE`, tested against `apply_chat_template`): for each message
+`prep.tokenizer.CHATML_TEMPLATE`, tested against `apply_chat_template`): for each message
 `<|im_start|>{role}\\n{content}<|im_end|>\\n`, no BOS, no system prompt added.
 
 Special-token strings inside content (say a literal `<|im_end|>` in a code answer) are kept as

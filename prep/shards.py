@@ -51,6 +51,16 @@ def build_id_of(shard_schema: pa.Schema) -> str:
     return (shard_schema.metadata or {}).get(BUILD_ID_KEY.encode(), b"").decode()
 
 
+def fingerprint(backend) -> str:
+    """The tokenizer a build was made with, as the contract names it: sha256 over every (id, token)
+    of a `tokenizers.Tokenizer`'s vocabulary and its special tokens. The manifest records it; the
+    trainer and `prep show` refuse a tokenizer whose fingerprint differs."""
+    vocab = sorted((i, t) for t, i in backend.get_vocab(with_added_tokens=True).items())
+    specials = sorted(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
+    blob = json.dumps({"vocab": vocab, "special": specials}, ensure_ascii=False).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
 def unsafe_name(name) -> bool:
     """A manifest shard name that could leave the directory (`../x`, `/etc/x`, `a/b`): every reader refuses it."""
     return not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name

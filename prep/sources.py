@@ -100,7 +100,7 @@ def check_spec(spec: str) -> list[str] | None:
     if files is None:
         repo = spec.split(":")[0]
         if not os.path.isdir(repo):
-            from prep.tokenize import hub_reachable
+            from prep.tokenizer import hub_reachable
 
             if not hub_reachable():
                 raise ValueError(f"can't reach the Hugging Face hub for {repo!r}: pass local files with "

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from prep.inspect import as_numpy, list_parts, load_manifest
+from prep.inspection import as_numpy, list_parts, load_manifest
 from prep.shards import MANIFEST, build_id_of, schema, sha256_file, unsafe_name
 
 ROWS_SHOWN = 5  # bad rows listed per shard and check; the rest are counted

@@ -199,7 +199,7 @@ def peer_datatrove(corpus: list[str], tok: str, out: Path) -> dict:
 def run_child(args) -> None:
     out = Path(args.out)
     if args.child == "tokenizer":
-        from prep.tokenize import load_hf_tokenizer
+        from prep.tokenizer import load_hf_tokenizer
 
         return load_hf_tokenizer().save_pretrained(out)
     if args.child == "data_path":

@@ -189,7 +189,7 @@ def sliced_build(paths, num_tokens, out: Path, bare: BareEncoder, slice_s: float
 
 def bare_child(texts_path: str) -> None:
     """--calibrate's child: the bare encoder on the texts, batched, as fast as it goes; prints the tokens."""
-    from prep.tokenize import load_encoder
+    from prep.tokenizer import load_encoder
     import pyarrow as pa
 
     encoder = load_encoder()
@@ -297,7 +297,7 @@ def main():
     if args.against:
         return compare(args.against, paths, num_tokens, work, args.repeats, args.slice)
 
-    from prep.tokenize import load_encoder
+    from prep.tokenizer import load_encoder
 
     # One plain build first: it says which rows the build takes (the bare encoder gets the same texts)
     # and warms the page cache for every run after it.

@@ -82,7 +82,7 @@ def trl_worker(args) -> None:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from prep.tokenize import load_hf_tokenizer
+    from prep.tokenizer import load_hf_tokenizer
     from train.config import TrainConfig
     from train.data import Loader, PackedShards
     from train.model import build_model

@@ -33,7 +33,7 @@ def write_jsonl(path, rows) -> str:
 
 @pytest.fixture(scope="session")
 def encoder():
-    from prep.tokenize import load_encoder
+    from prep.tokenizer import load_encoder
 
     return load_encoder()
 

@@ -45,7 +45,7 @@ def built(tmp_path_factory, corpus):
 
 @pytest.mark.parametrize("name", ["../shard-00000.arrow", "/etc/passwd", "sub/shard-00000.arrow", ".."])
 def test_manifest_paths_cannot_leave_the_directory(built, tmp_path, name):
-    from prep.inspect import inspect
+    from prep.inspection import inspect
     from prep.verify import verify
 
     out = Path(shutil.copytree(built, tmp_path / "copy"))

@@ -46,7 +46,7 @@ def test_bad_rows_are_named(row, reason):
 
 
 def test_render_equals_apply_chat_template(encoder):
-    from prep.tokenize import load_hf_tokenizer
+    from prep.tokenizer import load_hf_tokenizer
 
     hf = load_hf_tokenizer()
     messages = [dict(role=r, content=c) for r, c in to_messages(SMOLTALK)]
@@ -146,12 +146,12 @@ def test_hub_path_with_a_local_dataset_repo(tmp_path):
 
 
 def test_presets_and_unreachable_hub(monkeypatch):
-    import prep.tokenize
+    import prep.tokenizer
 
     specs = {s.name: s.spec for s in resolve_sources(["nemotron", "ot3"], {}, sample=False)}
     assert specs == {"nemotron": "HuggingFaceTB/smoltalk2:Mid:Llama_Nemotron_Post_Training_Dataset_reasoning_r1",
                      "ot3": "HuggingFaceTB/smoltalk2:Mid:OpenThoughts3_1.2M"}
-    monkeypatch.setattr(prep.tokenize, "hub_reachable", lambda: False)
+    monkeypatch.setattr(prep.tokenizer, "hub_reachable", lambda: False)
     with pytest.raises(ValueError, match="--source.*--sample"):
         list(iter_rows(specs["ot3"]))
     with pytest.raises(ValueError, match="unknown source 'foo'.*--source foo=SPEC"):

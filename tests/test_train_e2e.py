@@ -65,7 +65,7 @@ def test_loss_falls_and_every_metric_is_logged(single_run):
 
 
 def test_export_loads_in_transformers_with_the_trained_weights(single_run, shards):
-    from prep.tokenize import fingerprint
+    from prep.shards import fingerprint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.data import Loader, PackedShards

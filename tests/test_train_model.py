@@ -122,7 +122,7 @@ def test_flops_count_documents_not_padding():
 
 
 def test_shards_of_another_tokenizer_are_refused():
-    from prep.tokenize import load_hf_tokenizer
+    from prep.tokenizer import load_hf_tokenizer
 
     manifest = {"tokenizer": {"name": "other/tokenizer", "vocab_size": 128256, "fingerprint": "sha256:" + "0" * 64}}
     with pytest.raises(ValueError, match="rebuild the shards"):

@@ -72,7 +72,7 @@ def build_model(cfg, device: torch.device):
 
 def model_tokenizer(cfg, manifest: dict):
     """The tokenizer that goes with the model: --tokenizer, the model's own, or for a config the shards'."""
-    from prep.tokenize import load_hf_tokenizer
+    from prep.tokenizer import load_hf_tokenizer
 
     name = cfg.tokenizer or (manifest["tokenizer"]["name"] if cfg.model_config else cfg.model)
     try:
@@ -83,7 +83,7 @@ def model_tokenizer(cfg, manifest: dict):
 
 def check_tokenizer(manifest: dict, shard_dir: str, name: str, tokenizer) -> None:
     """Refuse shards tokenized with another vocabulary than the model's: training would be silent garbage."""
-    from prep.tokenize import fingerprint
+    from prep.shards import fingerprint
 
     theirs = manifest["tokenizer"]
     ours = fingerprint(tokenizer.backend_tokenizer)

@@ -234,13 +234,13 @@ def read_row(out_dir, manifest: dict, seq: int) -> dict:
 @lru_cache(maxsize=2)
 def load_decoder(name: str):
     """The tokenizers.Tokenizer of a transformers tokenizer (cached: loading takes seconds)."""
-    from prep.tokenize import load_hf_tokenizer
+    from prep.tokenizer import load_hf_tokenizer
 
     return load_hf_tokenizer(name).backend_tokenizer
 
 
 def check_tokenizer(backend, manifest: dict, name: str) -> None:
-    from prep.tokenize import fingerprint
+    from prep.shards import fingerprint
 
     built = manifest["tokenizer"].get("fingerprint")
     if built and fingerprint(backend) != built:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.shards import fingerprint
+
 DEFAULT_TOKENIZER = "HuggingFaceTB/SmolLM3-3B"
 PAD_TOKEN = "<|finetune_right_pad_id|>"
 LLAMA3_PATTERN = (
@@ -145,14 +147,6 @@ def offline_smollm3_dir() -> Path:
         build_smollm3_offline(local)
     print(f"hub unreachable: using SmolLM3's tokenizer rebuilt from llama-models' Llama-3 BPE ({local})", file=sys.stderr)
     return local
-
-
-def fingerprint(backend) -> str:
-    """sha256 over every (id, token) of the vocabulary and the list of special tokens."""
-    vocab = sorted((i, t) for t, i in backend.get_vocab(with_added_tokens=True).items())
-    specials = sorted(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
-    blob = json.dumps({"vocab": vocab, "special": specials}, ensure_ascii=False).encode()
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def _bytes_of_byte_level() -> dict[str, int]:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from prep.build import BuildConfig, build
 from prep.cli import app
-from prep.inspect import inspect, show
+from prep.inspection import inspect, show
 from prep.shards import schema, sha256_file
 from prep.verify import Problem, verify
 
@@ -110,7 +110,7 @@ def test_inspect_table(shards):
 
 
 def test_inspect_never_reads_input_ids(shards, monkeypatch):
-    import prep.inspect as ins
+    import prep.inspection as ins
 
     asked = []
     real = ins.iter_batches
@@ -138,7 +138,7 @@ def test_show_marks_every_document_and_summarises_padding(shards):
 
 
 def test_show_doc_is_whole_and_decodes_exactly(shards):
-    from prep.tokenize import load_hf_tokenizer
+    from prep.tokenizer import load_hf_tokenizer
 
     rows = read_rows(shards)
     seq = next(i for i, r in enumerate(rows) if len(r["doc_lens"]) >= 2)

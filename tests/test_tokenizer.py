@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from prep.tokenize import CHATML_TEMPLATE, Encoder, _load_ranks, smollm3_special_tokens
+from prep.tokenizer import CHATML_TEMPLATE, Encoder, _load_ranks, smollm3_special_tokens
 
 
 def wide_texts() -> list[str]:
@@ -117,7 +117,7 @@ def test_local_directory_and_fallback(encoder, tmp_path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from prep.tokenize import load_encoder, load_hf_tokenizer
+    from prep.tokenizer import load_encoder, load_hf_tokenizer
 
     load_hf_tokenizer().save_pretrained(tmp_path / "smol")
     local = load_encoder(str(tmp_path / "smol"))
@@ -135,7 +135,7 @@ def test_local_directory_and_fallback(encoder, tmp_path):
 
 
 def test_offline_build_is_cached_and_announced(tmp_path, monkeypatch, capsys):
-    import prep.tokenize as tok
+    import prep.tokenizer as tok
 
     monkeypatch.setenv("PREP_CACHE", str(tmp_path))
     monkeypatch.setattr(tok, "hub_reachable", lambda: False)
