@@ -29,60 +29,14 @@ Keys of `inspect --json` (and of the dict `inspect()` returns):
 Percentiles are numpy's default (linear interpolation).
 """
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import pyarrow as pa
 
-from prep.shards import MANIFEST, read_manifest, unsafe_name
+from prep.shards import as_numpy, fingerprint, iter_batches, list_parts, read_manifest, shard_files
 
 LAYOUT_COLUMNS = ["doc_lens", "doc_sources"]
-
-
-def load_manifest(out_dir) -> dict:
-    """read_manifest, plus a one-line error for a manifest.json that is not JSON or lacks a key."""
-    try:
-        manifest = read_manifest(Path(out_dir))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{Path(out_dir) / MANIFEST} is not valid JSON ({e}); rebuild with `prep build`") from None
-    for key in ("seq_len", "pad_id", "tokenizer", "sources", "counts", "shards"):
-        if key not in manifest:
-            raise ValueError(f"{Path(out_dir) / MANIFEST} has no {key!r}; rebuild with `prep build`")
-    return manifest
-
-
-def shard_paths(out_dir, manifest: dict) -> list[Path]:
-    bad = [s.get("file") for s in manifest["shards"] if unsafe_name(s.get("file"))]
-    if bad:
-        raise ValueError(f"manifest names shard {bad[0]!r}, which is not a plain file name in {out_dir}; "
-                         "run `prep verify` and rebuild")
-    return [Path(out_dir) / s["file"] for s in manifest["shards"]]
-
-
-def iter_batches(path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Record batches of one shard from a memory map; only the pages of `columns` are ever touched."""
-    with pa.memory_map(str(path)) as source:
-        for batch in pa.ipc.open_stream(source):
-            yield batch if columns is None else batch.select(columns)
-
-
-NUMPY_TYPES = {pa.uint8(): np.uint8, pa.uint32(): np.uint32, pa.int32(): np.int32}
-
-
-def as_numpy(array: pa.Array) -> np.ndarray:
-    """Zero-copy view of a primitive array's values. (pyarrow's to_numpy imports pandas: +0.4 s per process.)"""
-    dtype = np.dtype(NUMPY_TYPES[array.type])
-    return np.frombuffer(array.buffers()[1], dtype, count=len(array), offset=array.offset * dtype.itemsize)
-
-
-def list_parts(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(values, per-row offsets starting at 0) of a list column, honouring any slice offset."""
-    offsets = as_numpy(column.offsets).astype(np.int64)
-    return as_numpy(column.flatten()), offsets - offsets[0]
 
 
 @dataclass
@@ -97,22 +51,18 @@ class Layout:
 
 
 def read_layout(out_dir) -> Layout:
-    manifest = load_manifest(out_dir)
+    """The doc_lens and doc_sources of every row of a build, as flat arrays (never input_ids)."""
+    manifest = read_manifest(out_dir)
     lens, sources, row_pieces, row_tokens = [], [], [], []
-    for path in shard_paths(out_dir, manifest):
-        if not path.exists():
-            raise ValueError(f"{path} is missing; run `prep verify {out_dir}`")
-        try:
-            for batch in iter_batches(path, LAYOUT_COLUMNS):
-                values, offsets = list_parts(batch.column("doc_lens"))
-                csum = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
-                # copies (a few bytes per document), so no shard's memory map outlives its loop
-                lens.append(values.astype(np.int64))
-                sources.append(list_parts(batch.column("doc_sources"))[0].astype(np.int64))
-                row_pieces.append(np.diff(offsets))
-                row_tokens.append(csum[offsets[1:]] - csum[offsets[:-1]])
-        except (pa.ArrowException, OSError, KeyError) as e:
-            raise ValueError(f"can't read {path} ({e}); run `prep verify {out_dir}`") from None
+    for shard in shard_files(out_dir, manifest):
+        for batch in iter_batches(shard, manifest, columns=LAYOUT_COLUMNS):
+            values, offsets = list_parts(batch.column("doc_lens"))
+            csum = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+            # copies (a few bytes per document), so no shard's memory map outlives its loop
+            lens.append(values.astype(np.int64))
+            sources.append(list_parts(batch.column("doc_sources"))[0].astype(np.int64))
+            row_pieces.append(np.diff(offsets))
+            row_tokens.append(csum[offsets[1:]] - csum[offsets[:-1]])
 
     def cat(parts):
         return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
@@ -198,37 +148,23 @@ DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 RULE_WIDTH = 100
 
 
-def locate(manifest: dict, seq: int) -> tuple[int, int]:
-    """(shard index, row in that shard) of packed sequence `seq`, counted across the whole build."""
+def read_row(out_dir, manifest: dict, seq: int) -> dict:
+    """Packed sequence `seq`, counted across the whole build, as numpy arrays: input_ids, doc_lens,
+    doc_sources and loss_mask (or None), with the shard and row it is in."""
     total = sum(s["rows"] for s in manifest["shards"])
     if not 0 <= seq < total:
         raise ValueError(f"--seq {seq} is out of range: this build has {total:,} sequences (0..{total - 1})")
-    for i, s in enumerate(manifest["shards"]):
-        if seq < s["rows"]:
-            return i, seq
-        seq -= s["rows"]
-    raise AssertionError("unreachable")
-
-
-def read_row(out_dir, manifest: dict, seq: int) -> dict:
-    """One packed sequence as numpy arrays: input_ids, doc_lens, doc_sources and loss_mask (or None)."""
-    shard, row = locate(manifest, seq)
-    path = shard_paths(out_dir, manifest)[shard]
-    if not path.exists():
-        raise ValueError(f"{path} is missing; run `prep verify {out_dir}`")
-    try:
-        for batch in iter_batches(path):
-            if row < batch.num_rows:
-                one = batch.slice(row, 1)
-                out = {"shard": path.name, "row": row}
-                for name in ("input_ids", "doc_lens", "doc_sources", "loss_mask"):
-                    col = one.column(name) if name in one.schema.names else None
-                    out[name] = None if col is None else as_numpy(col.flatten())
-                return out
-            row -= batch.num_rows
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"can't read {path} ({e}); run `prep verify {out_dir}`") from None
-    raise ValueError(f"{path} has fewer rows than the manifest says; run `prep verify {out_dir}`")
+    shard = next(s for s in reversed(shard_files(out_dir, manifest)) if s.first_row <= seq)
+    row = seq - shard.first_row
+    for batch in iter_batches(shard, manifest):
+        if row < batch.num_rows:
+            one = batch.slice(row, 1)
+            out = {"shard": shard.path.name, "row": row}
+            for name in ("input_ids", "doc_lens", "doc_sources", "loss_mask"):
+                out[name] = as_numpy(one.column(name).flatten()) if name in one.schema.names else None
+            return out
+        row -= batch.num_rows
+    raise AssertionError("unreachable: iter_batches refuses a shard with fewer rows than the manifest lists")
 
 
 @lru_cache(maxsize=2)
@@ -240,8 +176,6 @@ def load_decoder(name: str):
 
 
 def check_tokenizer(backend, manifest: dict, name: str) -> None:
-    from prep.shards import fingerprint
-
     built = manifest["tokenizer"].get("fingerprint")
     if built and fingerprint(backend) != built:
         raise ValueError(f"tokenizer {name!r} is not the one these shards were built with "
@@ -276,7 +210,7 @@ def show(out_dir, seq: int = 0, doc: int | None = None, max_chars: int = 2000, c
     Special tokens stay visible. With a loss mask, tokens without loss are dimmed (color) or
     wrapped in ⟦ ⟧. `doc` shows one document whole; otherwise each is clipped to `max_chars`.
     """
-    manifest = load_manifest(out_dir)
+    manifest = read_manifest(out_dir)
     r = read_row(out_dir, manifest, seq)
     T, pad_id = manifest["seq_len"], manifest["pad_id"]
     num_docs = len(r["doc_lens"])
