@@ -108,8 +108,8 @@ def build_command(**settings):
     cfg = BuildConfig(**settings | {"sources": parse_source_options(settings["sources"] or [])})
     try:
         build(cfg)
-    except ValueError as e:
-        fail(str(e))
+    except ValueError as error:
+        fail(str(error))
 
 
 # Every BuildConfig field is an option of `prep build`: a new field needs no edit here.
@@ -141,8 +141,8 @@ def inspect_command(
     """
     try:
         report = inspect_build(out_dir)
-    except ValueError as e:
-        fail(str(e))
+    except ValueError as error:
+        fail(str(error))
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -173,8 +173,8 @@ def show_command(
     try:
         text = show(out_dir, seq=seq, doc=doc, max_chars=max_chars, tokenizer=tokenizer,
                     color=sys.stdout.isatty() if color is None else color)
-    except ValueError as e:
-        fail(str(e))
+    except ValueError as error:
+        fail(str(error))
     typer.echo(text)
 
 
@@ -198,16 +198,17 @@ def verify_command(
     started = time.time()
     try:
         problems = verify(out_dir, fast=fast)
-    except ValueError as e:
-        fail(str(e))
+    except ValueError as error:
+        fail(str(error))
     if problems:
         typer.echo(f"FAILED: {len(problems)} problem{'s' * (len(problems) != 1)} in {out_dir}")
         for problem in problems:
             typer.echo(f"  {problem}")
         raise typer.Exit(1)
-    m = read_manifest(out_dir)
-    typer.echo(f"OK {out_dir}: {len(m['shards'])} shards, {m['counts']['sequences']:,} sequences, "
-               f"{m['counts']['tokens']:,} tokens verified{' (sha256 skipped: --fast)' if fast else ''} "
+    manifest = read_manifest(out_dir)
+    counts = manifest["counts"]
+    typer.echo(f"OK {out_dir}: {len(manifest['shards'])} shards, {counts['sequences']:,} sequences, "
+               f"{counts['tokens']:,} tokens verified{' (sha256 skipped: --fast)' if fast else ''} "
                f"in {time.time() - started:.1f}s")
 
 
@@ -226,10 +227,10 @@ def plot_command(
     """
     try:
         path = plot(out_dir, output)
-    except ValueError as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"can't write {output}: {e.strerror or e}")
+    except ValueError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"can't write {output}: {error.strerror or error}")
     typer.echo(f"wrote {path}")
 
 

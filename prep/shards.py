@@ -196,8 +196,8 @@ def read_manifest(out_dir: Path) -> dict:
         raise ValueError(f"{out_dir} has no {MANIFEST}: it is not a finished build (rerun `prep build --out {out_dir}`)")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); rebuild with `prep build`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rebuild with `prep build`") from None
     found = (manifest.get("format"), manifest.get("format_version")) if isinstance(manifest, dict) else (None, None)
     if found != (FORMAT, FORMAT_VERSION):
         raise ValueError(f"{path} is format {found[0]!r} v{found[1]}; this version reads {FORMAT!r} v{FORMAT_VERSION}: "
@@ -285,8 +285,8 @@ def iter_batches(shard: ShardFile, manifest: dict, columns: list[str] | None = N
             source.seek(max(0, source.size() - len(END_OF_STREAM)))
             if source.read(len(END_OF_STREAM)) != END_OF_STREAM:
                 report("read", f"no end-of-stream marker after row {rows - 1}: the file was cut short or never closed")
-    except (pa.ArrowException, OSError) as e:  # reported outside the handler, which must not catch a report's error
-        problem = f"unreadable after {rows} rows ({e}): truncated or corrupt"
+    except (pa.ArrowException, OSError) as error:  # reported below: a report that raises must not be caught here
+        problem = f"unreadable after {rows} rows ({error}): truncated or corrupt"
     if problem:
         report("read", problem, rows)
     if rows != shard.rows:
@@ -314,7 +314,7 @@ def fixed_rows(column: pa.Array) -> np.ndarray:
 
 def row_faults(batch: pa.RecordBatch, manifest: dict) -> Iterator[tuple[str, np.ndarray, Callable[[int], str]]]:
     """The row checks of one record batch, vectorised: for each check, which rows fail it (one bool
-    per row) and what is wrong with failing row i. A sound row has no nulls, as many doc_sources as
+    per row) and what is wrong with a failing row. A sound row has no nulls, as many doc_sources as
     doc_lens entries, every doc_lens entry > 0 and their sum <= seq_len, pad_id after its documents,
     every id < vocab_size, every doc_sources index naming a manifest source, and a 0/1 loss_mask
     that is 0 on padding."""
@@ -323,36 +323,39 @@ def row_faults(batch: pa.RecordBatch, manifest: dict) -> Iterator[tuple[str, np.
     B = batch.num_rows
     for name in batch.schema.names:
         if batch.column(name).null_count:
-            yield "nulls", batch.column(name).is_null().to_numpy(zero_copy_only=False), lambda i, name=name: f"{name} is null"
+            yield ("nulls", batch.column(name).is_null().to_numpy(zero_copy_only=False),
+                   lambda row, name=name: f"{name} is null")
     lens, len_offsets = list_parts(batch.column("doc_lens"))
     srcs, src_offsets = list_parts(batch.column("doc_sources"))
     csum = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
     used = csum[len_offsets[1:]] - csum[len_offsets[:-1]]
     num_lens, num_srcs = np.diff(len_offsets), np.diff(src_offsets)
-    yield "doc_sources", num_lens != num_srcs, lambda i: f"{num_srcs[i]} entries for {num_lens[i]} doc_lens entries"
-    yield "doc_lens", used > T, lambda i: f"sum(doc_lens) = {used[i]:,} > seq_len {T:,}"
+    yield ("doc_sources", num_lens != num_srcs,
+           lambda row: f"{num_srcs[row]} entries for {num_lens[row]} doc_lens entries")
+    yield "doc_lens", used > T, lambda row: f"sum(doc_lens) = {used[row]:,} > seq_len {T:,}"
     row_of_len = np.repeat(np.arange(B), num_lens)
-    yield "doc_lens", np.bincount(row_of_len[lens == 0], minlength=B) > 0, lambda i: "an entry is 0"
+    yield "doc_lens", np.bincount(row_of_len[lens == 0], minlength=B) > 0, lambda row: "an entry is 0"
     row_of_src = np.repeat(np.arange(B), num_srcs)
-    yield "doc_sources", np.bincount(row_of_src[srcs >= num_sources], minlength=B) > 0, \
-        lambda i: f"index {srcs[row_of_src == i].max()} but the manifest has {num_sources} sources"
+    yield ("doc_sources", np.bincount(row_of_src[srcs >= num_sources], minlength=B) > 0,
+           lambda row: f"index {srcs[row_of_src == row].max()} but the manifest has {num_sources} sources")
 
     ids = fixed_rows(batch.column("input_ids"))
-    yield "ids", (ids >= vocab).any(axis=1), \
-        lambda i: f"id {ids[i].max():,} at position {int(np.argmax(ids[i] >= vocab)):,} is beyond the vocabulary " \
-                  f"(vocab_size {vocab:,})"
+    yield ("ids", (ids >= vocab).any(axis=1),
+           lambda row: f"id {ids[row].max():,} at position {int(np.argmax(ids[row] >= vocab)):,} is beyond the "
+                       f"vocabulary (vocab_size {vocab:,})")
     padding = np.arange(T)[None, :] >= np.minimum(used, T)[:, None]
     not_pad = (ids != pad_id) & padding
-    yield "padding", not_pad.any(axis=1), lambda i: f"{int(not_pad[i].sum()):,} tokens after the documents (from " \
-                                                    f"position {used[i]:,}) are not pad id {pad_id}"
+    yield ("padding", not_pad.any(axis=1),
+           lambda row: f"{int(not_pad[row].sum()):,} tokens after the documents (from position {used[row]:,}) "
+                       f"are not pad id {pad_id}")
     if "loss_mask" in batch.schema.names:
         mask = fixed_rows(batch.column("loss_mask"))
-        yield "loss_mask", (mask > 1).any(axis=1), lambda i: f"value {mask[i].max()} (only 0 and 1 are allowed)"
-        yield "loss_mask", ((mask != 0) & padding).any(axis=1), lambda i: "padding has loss"
+        yield "loss_mask", (mask > 1).any(axis=1), lambda row: f"value {mask[row].max()} (only 0 and 1 are allowed)"
+        yield "loss_mask", ((mask != 0) & padding).any(axis=1), lambda row: "padding has loss"
 
 
 def check_rows(batch: pa.RecordBatch, manifest: dict, first_row: int, report: Report) -> None:
-    """Report the first failing row of each row check of a batch (`first_row`: its first row's index in the shard)."""
+    """Report the first failing row of each row check of a batch whose first row is `first_row` of its shard."""
     for check, failing, detail in row_faults(batch, manifest):
         if failing.any():
             row = int(np.argmax(failing))

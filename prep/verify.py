@@ -63,7 +63,7 @@ class BadRows:
         found = np.flatnonzero(which)
         self.counts[check] += len(found)
         room = max(0, ROWS_SHOWN - len(self.examples[check]))
-        self.examples[check] += [(int(rows[i]), detail(i)) for i in found[:room]]
+        self.examples[check] += [(int(rows[index]), detail(index)) for index in found[:room]]
 
     def problems(self, shard: str, first_sequence: int) -> list[Problem]:
         out = []
@@ -72,7 +72,7 @@ class BadRows:
                 continue
             (row, detail), *rest = self.examples[check]
             if count > 1:
-                detail += (f" (and {count - 1} more rows: {', '.join(str(r) for r, _ in rest)}"
+                detail += (f" (and {count - 1} more rows: {', '.join(str(other) for other, _ in rest)}"
                            + (", ..." if count > 1 + len(rest) else "") + ")")
             out.append(Problem(check, detail, shard, row, first_sequence + row))
         return out
@@ -108,25 +108,28 @@ def check_shard(shard: ShardFile, manifest: dict, totals: Totals, fast: bool) ->
 
 
 def check_totals(manifest: dict, totals: Totals) -> list[Problem]:
-    c, T = manifest["counts"], manifest["seq_len"]
+    """The manifest's counts against what the rows add up to."""
+    counts, T = manifest["counts"], manifest["seq_len"]
     data = {"sequences": totals.sequences, "tokens": totals.tokens, "pieces": totals.pieces,
             "padding": totals.sequences * T - totals.tokens}
-    problems = [Problem("totals", f"counts.{k} is {c.get(k)} but the data has {v}") for k, v in data.items()
-                if c.get(k) != v]
-    listed = sum(s.get("rows", 0) for s in manifest["shards"])
-    if listed != c.get("sequences"):
-        problems.append(Problem("totals", f"shard rows add up to {listed} but counts.sequences is {c.get('sequences')}"))
-    for s, tokens in zip(manifest["sources"], totals.source_tokens.tolist()):
-        if s.get("tokens") != tokens:
-            problems.append(Problem("totals", f"source {s.get('name')!r} has tokens {s.get('tokens')} but the "
-                                              f"data has {tokens}"))
-        elif totals.tokens and abs(s.get("achieved_share", 0) - tokens / totals.tokens) > 1e-9:
-            problems.append(Problem("totals", f"source {s.get('name')!r} has achieved_share {s.get('achieved_share')} "
-                                              f"but the data gives {tokens / totals.tokens}"))
-    documents = sum(s.get("documents", 0) for s in manifest["sources"])
-    if documents != c.get("documents"):
-        problems.append(Problem("totals", f"counts.documents is {c.get('documents')} but the sources add up to "
-                                          f"{documents}"))
+    problems = [Problem("totals", f"counts.{key} is {counts.get(key)} but the data has {value}")
+                for key, value in data.items() if counts.get(key) != value]
+    listed = sum(entry.get("rows", 0) for entry in manifest["shards"])
+    if listed != counts.get("sequences"):
+        problems.append(Problem("totals", f"shard rows add up to {listed} but counts.sequences is "
+                                          f"{counts.get('sequences')}"))
+    for source, tokens in zip(manifest["sources"], totals.source_tokens.tolist()):
+        name, share = source.get("name"), source.get("achieved_share", 0)
+        if source.get("tokens") != tokens:
+            problems.append(Problem("totals", f"source {name!r} has tokens {source.get('tokens')} but the data has "
+                                              f"{tokens}"))
+        elif totals.tokens and abs(share - tokens / totals.tokens) > 1e-9:
+            problems.append(Problem("totals", f"source {name!r} has achieved_share {share} but the data gives "
+                                              f"{tokens / totals.tokens}"))
+    documents = sum(source.get("documents", 0) for source in manifest["sources"])
+    if documents != counts.get("documents"):
+        problems.append(Problem("totals", f"counts.documents is {counts.get('documents')} but the sources add up "
+                                          f"to {documents}"))
     return problems
 
 
@@ -140,7 +143,7 @@ def verify(out_dir, fast: bool = False) -> list[Problem]:
     complete = None not in shards
     for shard in filter(None, shards):
         found = check_shard(shard, manifest, totals, fast)
-        complete = complete and not any(p.check in ("missing", "read", "schema") for p in found)
+        complete = complete and not any(problem.check in ("missing", "read", "schema") for problem in found)
         problems += found
     if complete:  # totals over a partly unread build would only repeat the problems above
         problems += check_totals(manifest, totals)

@@ -104,7 +104,7 @@ class TrainConfig:
     export_dtype: Literal["bf16", "fp32"] = "bf16"
     """dtype of the exported Hugging Face model: bf16 or fp32."""
     verify_hashes: bool = True
-    """Check every shard's sha256 against the manifest before the first step; each rank hashes 1/N of the files."""
+    """Before the first step, prove the shards as `prep verify` does (sha256 and row checks); each rank proves 1/N of the files. Off: trust them."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 = look the GPU up (CPU: no MFU)."""
     recipe: str = ""
@@ -136,25 +136,26 @@ class TrainConfig:
 def parser() -> argparse.ArgumentParser:
     """The command line of TrainConfig: one flag per field, its help the field's docstring, its choices
     the field's Literal (shown here, checked once by TrainConfig.check(), recipe values alike)."""
-    p = argparse.ArgumentParser(
+    cli = argparse.ArgumentParser(
         prog="python -m train", usage="python -m train --shards DIR [options]  (or: torchrun --nproc-per-node N -m train ...)",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Mid-train SmolLM3 on packed shards from `prep build` (one process, or N with torchrun).",
     )
     docs, kinds, choices = field_docs(TrainConfig), get_type_hints(TrainConfig), field_choices(TrainConfig)
-    for f in fields(TrainConfig):
+    for field in fields(TrainConfig):
         # SUPPRESS: a flag that isn't given leaves no attribute, so the recipe's value can stand.
-        if kinds[f.name] is bool:
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=docs[f.name])
+        if kinds[field.name] is bool:
+            cli.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                             help=docs[field.name])
+            continue
+        default = f" (default: {field.default})" if field.default != "" else ""
+        if field.name in choices:
+            kind, metavar = str, "{" + ",".join(choices[field.name]) + "}"
         else:
-            default = f" (default: {f.default})" if f.default != "" else ""
-            if f.name in choices:
-                kind, metavar = str, "{" + ",".join(choices[f.name]) + "}"
-            else:
-                kind, metavar = kinds[f.name], f.name.upper()
-            p.add_argument(flag(f.name), type=kind, default=argparse.SUPPRESS, metavar=metavar, help=docs[f.name] + default)
-    return p
+            kind, metavar = kinds[field.name], field.name.upper()
+        cli.add_argument(flag(field.name), type=kind, default=argparse.SUPPRESS, metavar=metavar,
+                         help=docs[field.name] + default)
+    return cli
 
 
 # alignment-handbook / transformers.TrainingArguments names -> ours.

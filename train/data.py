@@ -54,7 +54,7 @@ class PackedShards:
         self.manifest = read_manifest(self.dir)
         self.seq_len = int(self.manifest["seq_len"])
         self.pad_id = int(self.manifest["pad_id"])
-        self.source_names = [s["name"] for s in self.manifest["sources"]]
+        self.source_names = [source["name"] for source in self.manifest["sources"]]
         # One entry per record batch (64 rows each): numpy views of its columns into the memory map.
         self.batches: list[tuple] = []
         starts = [0]
@@ -168,7 +168,7 @@ class Loader:
         for micro_batch in range(self.grad_accum):
             first = (step_in_epoch * self.rows_per_step
                      + (micro_batch * self.world_size + self.rank) * self.batch_size)
-            micro.append([int(perm[k]) if k < len(perm) else -1 for k in range(first, first + self.batch_size)])
+            micro.append([int(perm[slot]) if slot < len(perm) else -1 for slot in range(first, first + self.batch_size)])
         return micro
 
     def build(self, step: int) -> list[Batch]:
