@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-# prep never hands data to torch, but `datasets` imports torch (1.4 s here) for every streaming
+# prep never hands data to torch, but `datasets` imports torch (over a second) for every streaming
 # dataset when torch is installed; its documented switch turns that off for this process.
 os.environ.setdefault("USE_TORCH", "0")
 
@@ -240,7 +240,7 @@ def main() -> None:
     A `datasets` parquet stream closed before its end (every build stops reading its sources
     early) leaves an Arrow scan thread running for a moment, and an interpreter that shuts down
     under it makes Arrow abort the process: "terminate called without an active exception", exit
-    134, after the build has finished (3 of 12 runs here; apache/arrow#34314,
+    134, after the build has finished (3 of 12 runs on a 2-core machine; apache/arrow#34314,
     huggingface/datasets#7566). By then every file is written, fsynced and renamed, so skipping
     the interpreter's teardown loses nothing."""
     try:

@@ -324,6 +324,15 @@ def test_not_a_build_is_one_line_and_exit_2(command, shards, tmp_path):
     assert one_line_error(result) and "v9" in result.output
 
 
+@pytest.mark.parametrize("args", [["inspect"], ["show", "--seq", 31], ["plot", "-o"]])
+def test_a_cut_shard_is_one_line_naming_the_shard_and_the_check(args, damaged, tmp_path):
+    path = damaged / "shard-00000.arrow"  # rows 0-31
+    path.write_bytes(path.read_bytes()[:-1000])
+    result = prep(args[0], damaged, *args[1:], *([tmp_path / "never.png"] if args[0] == "plot" else []))
+    assert one_line_error(result) and "shard-00000.arrow" in result.output and ": read: " in result.output
+    assert f"prep verify {damaged}" in result.output
+
+
 def test_help_has_examples():
     for command in ("inspect", "show", "verify", "plot"):
         result = prep(command, "--help")

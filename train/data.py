@@ -92,7 +92,7 @@ def columns(batch: pa.RecordBatch) -> tuple:
 
 
 def row_arrays(row: Row, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, position_ids, labels, label_sources) of one packed row, vectorised (~0.2 ms at 32k).
+    """(input_ids, position_ids, labels, label_sources) of one packed row, vectorised.
     The row is trusted: its doc_lens sum to at most seq_len, with no 0 entry (see PackedShards)."""
     T = seq_len
     ids = row.input_ids.astype(np.int64)
