@@ -265,15 +265,15 @@ def iter_batches(shard: ShardFile, manifest: dict, columns: list[str] | None = N
         report("sha256", f"{digest[:16]}... but the manifest says {str(shard.sha256)[:16]}...: the file changed "
                          "after the build")
     expected = schema(manifest["seq_len"], bool(manifest.get("loss_mask")))
-    rows, problem = 0, None
+    rows = 0
     try:
         with pa.memory_map(str(shard.path)) as source:
             reader = pa.ipc.open_stream(source)
             if not reader.schema.equals(expected):
                 found = reader.schema.to_string(show_schema_metadata=False).replace("\n", ", ")
+                needed = expected.to_string().replace("\n", ", ")
                 report("schema", f"columns ({found}) don't match the manifest's seq_len {manifest['seq_len']} and "
-                                 f"loss_mask {bool(manifest.get('loss_mask'))}, which need "
-                                 f"({expected.to_string().replace(chr(10), ', ')})")
+                                 f"loss_mask {bool(manifest.get('loss_mask'))}, which need ({needed})")
                 return
             written_by, ours = build_id_of(reader.schema), manifest.get("build_id", "")
             if written_by != ours:
@@ -285,10 +285,8 @@ def iter_batches(shard: ShardFile, manifest: dict, columns: list[str] | None = N
             source.seek(max(0, source.size() - len(END_OF_STREAM)))
             if source.read(len(END_OF_STREAM)) != END_OF_STREAM:
                 report("read", f"no end-of-stream marker after row {rows - 1}: the file was cut short or never closed")
-    except (pa.ArrowException, OSError) as error:  # reported below: a report that raises must not be caught here
-        problem = f"unreadable after {rows} rows ({error}): truncated or corrupt"
-    if problem:
-        report("read", problem, rows)
+    except (pa.ArrowException, OSError) as error:
+        report("read", f"unreadable after {rows} rows ({error}): truncated or corrupt", rows)
     if rows != shard.rows:
         report("rows", f"{rows} rows but the manifest says {shard.rows}")
 

@@ -76,9 +76,9 @@ class PackedShards:
         return self.num_rows
 
     def __getitem__(self, index: int) -> Row:
-        which = int(np.searchsorted(self.batch_starts, index, side="right")) - 1
-        ids, offsets, lens, sources, mask = self.batches[which]
-        row = index - int(self.batch_starts[which])
+        batch = int(np.searchsorted(self.batch_starts, index, side="right")) - 1
+        ids, offsets, lens, sources, mask = self.batches[batch]
+        row = index - int(self.batch_starts[batch])
         first, end = offsets[row], offsets[row + 1]
         return Row(ids[row], lens[first:end], sources[first:end], None if mask is None else mask[row])
 
