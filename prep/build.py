@@ -19,13 +19,14 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 
 from prep.mix import Doc, Mixer, parse_mix
 from prep.pack import BfdPacker, WrappedPacker
 from prep.render import render, render_parts
+from prep.settings import check_choices
 from prep.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, write_json_atomic
 from prep import state
 from prep.sources import Reject, Source, check_spec, iter_rows, local_files, resolve_sources, to_messages
@@ -46,19 +47,19 @@ class BuildConfig:
     out: str = "shards"
     """Output directory for shard-NNNNN.arrow files and manifest.json."""
     overwrite: bool = False
-    """Replace an existing build in `out`."""
+    """Replace a build already in --out."""
     tokenizer: str = DEFAULT_TOKENIZER
     """Hub id or local directory of the tokenizer."""
     seq_len: int = 32768
     """Tokens per packed sequence."""
-    packing: str = "bfd"
+    packing: Literal["bfd", "wrapped"] = "bfd"
     """bfd (best-fit decreasing, documents kept whole) or wrapped (concatenate and cut)."""
-    long: str = "split"
+    long: Literal["split", "truncate", "drop"] = "split"
     """Documents longer than seq_len: split (no token lost), truncate, or drop."""
-    loss_on: str = "all"
+    loss_on: Literal["all", "assistant"] = "all"
     """all (the recipe) or assistant (write a loss_mask covering assistant content only)."""
     max_tokens: int | None = None
-    """Stop once this many tokens are mixed (the crossing document is kept whole)."""
+    """Stop once this many tokens are mixed (the crossing document is kept whole); default: until a source runs out."""
     max_bad_frac: float = 0.01
     """Fail when a source rejects more than this fraction of its rows."""
     rows_per_shard: int = 1024
@@ -78,10 +79,7 @@ class BuildConfig:
         unknown = sorted(set(self.sources) - set(shares))
         if unknown:
             raise ValueError(f"--source names {', '.join(unknown)} which --mix doesn't use; add them to --mix")
-        choices = {"packing": ("bfd", "wrapped"), "long": ("split", "truncate", "drop"), "loss_on": ("all", "assistant")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+        check_choices(self)
         if self.seq_len < 16:
             raise ValueError("--seq-len must be at least 16")
         if self.max_tokens is not None and self.max_tokens <= 0:

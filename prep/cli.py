@@ -8,19 +8,21 @@ import os
 import sys
 import time
 
-# prep never hands data to torch, but `datasets` imports torch (1.4 s here) for every streaming
+# prep never hands data to torch, but `datasets` imports torch (over a second) for every streaming
 # dataset when torch is installed; its documented switch turns that off for this process.
 os.environ.setdefault("USE_TORCH", "0")
 
-from enum import Enum  # noqa: E402
-from typing import Annotated, Optional
+import inspect  # noqa: E402
+from dataclasses import MISSING, fields
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 
 from prep.build import BuildConfig, build
-from prep.inspection import format_report, inspect, load_manifest, show
+from prep.inspection import format_report, inspect as inspect_build, show
 from prep.plot import plot
-from prep.tokenizer import DEFAULT_TOKENIZER
+from prep.settings import field_choices, field_docs, flag
+from prep.shards import read_manifest
 from prep.verify import verify
 
 app = typer.Typer(
@@ -37,20 +39,41 @@ app = typer.Typer(
 )
 
 
-class Packing(str, Enum):
-    bfd = "bfd"
-    wrapped = "wrapped"
+def fail(message: str) -> None:
+    """One line on stderr and exit 2: the way user errors end, never a traceback."""
+    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
 
 
-class Long(str, Enum):
-    split = "split"
-    truncate = "truncate"
-    drop = "drop"
+@app.callback()
+def main():
+    """Prepare SmolLM3 reasoning mid-training data into packed Arrow shards."""
 
 
-class LossOn(str, Enum):
-    all = "all"
-    assistant = "assistant"
+def config_options(cls, hand_written: dict[str, inspect.Parameter]) -> list[inspect.Parameter]:
+    """One Typer option per field of a settings dataclass, in field order: the flag from its name, the
+    help from its docstring, the default from the field, the choices from a Literal annotation (shown
+    here, checked by the config's check()). A bool that defaults to False is a plain switch (`--sample`),
+    one that defaults to True can be turned off (`--progress/--no-progress`). Fields a command line
+    can't spell as one value (a dict) come from `hand_written`."""
+    docs, kinds, choices = field_docs(cls), get_type_hints(cls), field_choices(cls)
+    options = []
+    for field in fields(cls):
+        if field.name in hand_written:
+            options.append(hand_written[field.name])
+            continue
+        assert field.default is not MISSING, f"{cls.__name__}.{field.name} needs a default or a hand-written option"
+        kind, extra = kinds[field.name], {}
+        if kind is bool and field.default is True:
+            declared = [f"{flag(field.name)}/--no-{flag(field.name)[2:]}"]
+        else:
+            declared = [flag(field.name)]
+        if field.name in choices:
+            kind, extra = str, {"metavar": "<" + "|".join(choices[field.name]) + ">"}
+        option = typer.Option(*declared, help=docs[field.name], **extra)
+        options.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                                         annotation=Annotated[kind, option]))
+    return options
 
 
 def parse_source_options(values: list[str]) -> dict[str, str]:
@@ -64,39 +87,14 @@ def parse_source_options(values: list[str]) -> dict[str, str]:
     return sources
 
 
-def fail(message: str) -> None:
-    """One line on stderr and exit 2: the way user errors end, never a traceback."""
-    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(2)
+SOURCE_OPTION = inspect.Parameter(
+    "sources", inspect.Parameter.KEYWORD_ONLY, default=None,
+    annotation=Annotated[Optional[list[str]], typer.Option(
+        "--source", help="NAME=SPEC, repeatable: hub id[:config:split], or a local file, directory or glob of "
+        ".jsonl/.jsonl.gz/.parquet/.arrow. Overrides a preset or adds a source.")])
 
 
-@app.callback()
-def main():
-    """Prepare SmolLM3 reasoning mid-training data into packed Arrow shards."""
-
-
-@app.command("build")
-def build_command(
-    mix: Annotated[str, typer.Option(help="Target token shares NAME=WEIGHT,... (normalised).")] = "nemotron=0.5,ot3=0.5",
-    source: Annotated[Optional[list[str]], typer.Option(
-        help="NAME=SPEC, repeatable: hub id[:config:split], or a local file, directory or glob of "
-        ".jsonl/.jsonl.gz/.parquet/.arrow. Overrides a preset or adds a source.")] = None,
-    sample: Annotated[bool, typer.Option("--sample", help="Use the embedded generated sample (offline).")] = False,
-    out: Annotated[str, typer.Option(help="Output directory.")] = "shards",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a build already in --out.")] = False,
-    tokenizer: Annotated[str, typer.Option(help="Hub id or local directory.")] = DEFAULT_TOKENIZER,
-    seq_len: Annotated[int, typer.Option(help="Tokens per packed sequence.")] = 32768,
-    packing: Annotated[Packing, typer.Option(help="bfd: best-fit decreasing, documents whole; wrapped: concatenate and cut.")] = Packing.bfd,
-    long: Annotated[Long, typer.Option(help="Documents longer than --seq-len: split (nothing lost), truncate or drop.")] = Long.split,
-    loss_on: Annotated[LossOn, typer.Option(help="all tokens (the recipe) or assistant content only (writes loss_mask).")] = LossOn.all,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many tokens (default: until a source runs out).")] = None,
-    max_bad_frac: Annotated[float, typer.Option(help="Fail if a source rejects more than this fraction of rows.")] = 0.01,
-    rows_per_shard: Annotated[int, typer.Option(help="Sequences per shard file.")] = 1024,
-    window: Annotated[int, typer.Option(help="BFD window in sequences (memory vs. fill).")] = 256,
-    workers: Annotated[int, typer.Option(help="Tokenizer threads; 0 = all cores. Output doesn't depend on it.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed recorded in the manifest for the trainer's shuffle.")] = 42,
-    progress: Annotated[bool, typer.Option(help="Progress bar with tokens/s (on a terminal).")] = True,
-):
+def build_command(**settings):
     """Stream sources, render ChatML, tokenize, mix by token share and pack into Arrow shards.
 
     Examples:
@@ -107,16 +105,16 @@ def build_command(
 
       prep build --mix a=0.7,b=0.3 --source a=data/a.jsonl.gz --source b='data/b/*.parquet' --loss-on assistant
     """
-    cfg = BuildConfig(
-        mix=mix, sources=parse_source_options(source or []), sample=sample, out=out, overwrite=overwrite,
-        tokenizer=tokenizer, seq_len=seq_len, packing=packing.value, long=long.value, loss_on=loss_on.value,
-        max_tokens=max_tokens, max_bad_frac=max_bad_frac, rows_per_shard=rows_per_shard, window=window,
-        workers=workers, seed=seed, progress=progress,
-    )
+    cfg = BuildConfig(**settings | {"sources": parse_source_options(settings["sources"] or [])})
     try:
         build(cfg)
-    except ValueError as e:
-        fail(str(e))
+    except ValueError as error:
+        fail(str(error))
+
+
+# Every BuildConfig field is an option of `prep build`: a new field needs no edit here.
+build_command.__signature__ = inspect.Signature(config_options(BuildConfig, {"sources": SOURCE_OPTION}))
+app.command("build")(build_command)
 
 
 BuildDir = Annotated[str, typer.Argument(help="A build directory: shard-*.arrow files and manifest.json.",
@@ -142,9 +140,9 @@ def inspect_command(
       prep inspect shards/ --json | jq '.sources[] | {name, requested_share, achieved_share}'
     """
     try:
-        report = inspect(out_dir)
-    except ValueError as e:
-        fail(str(e))
+        report = inspect_build(out_dir)
+    except ValueError as error:
+        fail(str(error))
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -175,8 +173,8 @@ def show_command(
     try:
         text = show(out_dir, seq=seq, doc=doc, max_chars=max_chars, tokenizer=tokenizer,
                     color=sys.stdout.isatty() if color is None else color)
-    except ValueError as e:
-        fail(str(e))
+    except ValueError as error:
+        fail(str(error))
     typer.echo(text)
 
 
@@ -200,16 +198,17 @@ def verify_command(
     started = time.time()
     try:
         problems = verify(out_dir, fast=fast)
-    except ValueError as e:
-        fail(str(e))
+    except ValueError as error:
+        fail(str(error))
     if problems:
         typer.echo(f"FAILED: {len(problems)} problem{'s' * (len(problems) != 1)} in {out_dir}")
         for problem in problems:
             typer.echo(f"  {problem}")
         raise typer.Exit(1)
-    m = load_manifest(out_dir)
-    typer.echo(f"OK {out_dir}: {len(m['shards'])} shards, {m['counts']['sequences']:,} sequences, "
-               f"{m['counts']['tokens']:,} tokens verified{' (sha256 skipped: --fast)' if fast else ''} "
+    manifest = read_manifest(out_dir)
+    counts = manifest["counts"]
+    typer.echo(f"OK {out_dir}: {len(manifest['shards'])} shards, {counts['sequences']:,} sequences, "
+               f"{counts['tokens']:,} tokens verified{' (sha256 skipped: --fast)' if fast else ''} "
                f"in {time.time() - started:.1f}s")
 
 
@@ -228,10 +227,10 @@ def plot_command(
     """
     try:
         path = plot(out_dir, output)
-    except ValueError as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"can't write {output}: {e.strerror or e}")
+    except ValueError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"can't write {output}: {error.strerror or error}")
     typer.echo(f"wrote {path}")
 
 
@@ -241,7 +240,7 @@ def main() -> None:
     A `datasets` parquet stream closed before its end (every build stops reading its sources
     early) leaves an Arrow scan thread running for a moment, and an interpreter that shuts down
     under it makes Arrow abort the process: "terminate called without an active exception", exit
-    134, after the build has finished (3 of 12 runs here; apache/arrow#34314,
+    134, after the build has finished (3 of 12 runs on a 2-core machine; apache/arrow#34314,
     huggingface/datasets#7566). By then every file is written, fsynced and renamed, so skipping
     the interpreter's teardown loses nothing."""
     try:

@@ -29,60 +29,14 @@ Keys of `inspect --json` (and of the dict `inspect()` returns):
 Percentiles are numpy's default (linear interpolation).
 """
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import pyarrow as pa
 
-from prep.shards import MANIFEST, read_manifest, unsafe_name
+from prep.shards import as_numpy, fingerprint, iter_batches, list_parts, read_manifest, shard_files
 
 LAYOUT_COLUMNS = ["doc_lens", "doc_sources"]
-
-
-def load_manifest(out_dir) -> dict:
-    """read_manifest, plus a one-line error for a manifest.json that is not JSON or lacks a key."""
-    try:
-        manifest = read_manifest(Path(out_dir))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{Path(out_dir) / MANIFEST} is not valid JSON ({e}); rebuild with `prep build`") from None
-    for key in ("seq_len", "pad_id", "tokenizer", "sources", "counts", "shards"):
-        if key not in manifest:
-            raise ValueError(f"{Path(out_dir) / MANIFEST} has no {key!r}; rebuild with `prep build`")
-    return manifest
-
-
-def shard_paths(out_dir, manifest: dict) -> list[Path]:
-    bad = [s.get("file") for s in manifest["shards"] if unsafe_name(s.get("file"))]
-    if bad:
-        raise ValueError(f"manifest names shard {bad[0]!r}, which is not a plain file name in {out_dir}; "
-                         "run `prep verify` and rebuild")
-    return [Path(out_dir) / s["file"] for s in manifest["shards"]]
-
-
-def iter_batches(path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Record batches of one shard from a memory map; only the pages of `columns` are ever touched."""
-    with pa.memory_map(str(path)) as source:
-        for batch in pa.ipc.open_stream(source):
-            yield batch if columns is None else batch.select(columns)
-
-
-NUMPY_TYPES = {pa.uint8(): np.uint8, pa.uint32(): np.uint32, pa.int32(): np.int32}
-
-
-def as_numpy(array: pa.Array) -> np.ndarray:
-    """Zero-copy view of a primitive array's values. (pyarrow's to_numpy imports pandas: +0.4 s per process.)"""
-    dtype = np.dtype(NUMPY_TYPES[array.type])
-    return np.frombuffer(array.buffers()[1], dtype, count=len(array), offset=array.offset * dtype.itemsize)
-
-
-def list_parts(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(values, per-row offsets starting at 0) of a list column, honouring any slice offset."""
-    offsets = as_numpy(column.offsets).astype(np.int64)
-    return as_numpy(column.flatten()), offsets - offsets[0]
 
 
 @dataclass
@@ -97,22 +51,18 @@ class Layout:
 
 
 def read_layout(out_dir) -> Layout:
-    manifest = load_manifest(out_dir)
+    """The doc_lens and doc_sources of every row of a build, as flat arrays (never input_ids)."""
+    manifest = read_manifest(out_dir)
     lens, sources, row_pieces, row_tokens = [], [], [], []
-    for path in shard_paths(out_dir, manifest):
-        if not path.exists():
-            raise ValueError(f"{path} is missing; run `prep verify {out_dir}`")
-        try:
-            for batch in iter_batches(path, LAYOUT_COLUMNS):
-                values, offsets = list_parts(batch.column("doc_lens"))
-                csum = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
-                # copies (a few bytes per document), so no shard's memory map outlives its loop
-                lens.append(values.astype(np.int64))
-                sources.append(list_parts(batch.column("doc_sources"))[0].astype(np.int64))
-                row_pieces.append(np.diff(offsets))
-                row_tokens.append(csum[offsets[1:]] - csum[offsets[:-1]])
-        except (pa.ArrowException, OSError, KeyError) as e:
-            raise ValueError(f"can't read {path} ({e}); run `prep verify {out_dir}`") from None
+    for shard in shard_files(out_dir, manifest):
+        for batch in iter_batches(shard, manifest, columns=LAYOUT_COLUMNS):
+            values, offsets = list_parts(batch.column("doc_lens"))
+            csum = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+            # copies (a few bytes per document), so no shard's memory map outlives its loop
+            lens.append(values.astype(np.int64))
+            sources.append(list_parts(batch.column("doc_sources"))[0].astype(np.int64))
+            row_pieces.append(np.diff(offsets))
+            row_tokens.append(csum[offsets[1:]] - csum[offsets[:-1]])
 
     def cat(parts):
         return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
@@ -120,74 +70,80 @@ def read_layout(out_dir) -> Layout:
     return Layout(manifest, cat(lens), cat(sources), cat(row_pieces), cat(row_tokens))
 
 
-def describe(x: np.ndarray, percentiles=(50, 90, 99)) -> dict:
-    if len(x) == 0:
-        return {"mean": 0.0, **{f"p{q}": 0.0 for q in percentiles}, "max": 0}
-    return {"mean": float(x.mean()), **{f"p{q}": float(np.percentile(x, q)) for q in percentiles},
-            "max": int(x.max())}
+def describe(values: np.ndarray, percentiles=(50, 90, 99)) -> dict:
+    """Mean, the given percentiles and max of `values` (zeros when there are none)."""
+    if len(values) == 0:
+        return {"mean": 0.0, **{f"p{pct}": 0.0 for pct in percentiles}, "max": 0}
+    return {"mean": float(values.mean()), **{f"p{pct}": float(np.percentile(values, pct)) for pct in percentiles},
+            "max": int(values.max())}
 
 
 def inspect(out_dir) -> dict:
     """Everything `prep inspect` shows, as a dict with the keys documented at the top of this file."""
-    lay = read_layout(out_dir)
-    m, c = lay.manifest, lay.manifest["counts"]
-    num_seq, tokens = len(lay.row_tokens), int(lay.row_tokens.sum())
-    per_seq = describe(lay.row_pieces, (50, 99))
-    per_seq["min"] = int(lay.row_pieces.min()) if num_seq else 0
+    layout = read_layout(out_dir)
+    manifest, counts = layout.manifest, layout.manifest["counts"]
+    num_seq, tokens = len(layout.row_tokens), int(layout.row_tokens.sum())
+    per_seq = describe(layout.row_pieces, (50, 99))
+    per_seq["min"] = int(layout.row_pieces.min()) if num_seq else 0
     sources = []
-    for i, s in enumerate(m["sources"]):
-        mine = lay.lens[lay.sources == i]
+    for index, source in enumerate(manifest["sources"]):
+        mine = layout.lens[layout.sources == index]
         sources.append({
-            "name": s["name"], "requested_share": s.get("requested_share"),
+            "name": source["name"], "requested_share": source.get("requested_share"),
             "achieved_share": float(mine.sum() / tokens) if tokens else 0.0,
-            "tokens": int(mine.sum()), "pieces": len(mine), "documents": s.get("documents"),
-            "rows_read": s.get("rows_read"), "rejected": s.get("rejected", {}), "doc_len": describe(mine),
+            "tokens": int(mine.sum()), "pieces": len(mine), "documents": source.get("documents"),
+            "rows_read": source.get("rows_read"), "rejected": source.get("rejected", {}), "doc_len": describe(mine),
         })
+    seq_len, settings = manifest["seq_len"], manifest.get("settings", {})
     return {
-        "dir": str(out_dir), "seq_len": m["seq_len"], "pad_id": m["pad_id"], "loss_mask": m.get("loss_mask", False),
-        "tokenizer": {k: m["tokenizer"].get(k) for k in ("name", "vocab_size", "encoder", "fingerprint")},
-        "packing": m.get("settings", {}).get("packing"), "long": m.get("settings", {}).get("long"),
-        "stopped_by": m.get("stopped_by"), "shards": len(m["shards"]),
-        "sequences": num_seq, "tokens": tokens, "padding": num_seq * m["seq_len"] - tokens,
-        "fill": tokens / (num_seq * m["seq_len"]) if num_seq else 0.0,
-        "pieces": len(lay.lens), "documents": c.get("documents"),
-        "docs_per_sequence": per_seq, "doc_len": describe(lay.lens), "sources": sources,
-        **{k: c.get(k, 0) for k in ("split", "truncated", "truncated_tokens", "dropped", "dropped_tokens")},
-        "rejected": c.get("rejected", {}),
+        "dir": str(out_dir), "seq_len": seq_len, "pad_id": manifest["pad_id"],
+        "loss_mask": manifest.get("loss_mask", False),
+        "tokenizer": {key: manifest["tokenizer"].get(key) for key in ("name", "vocab_size", "encoder", "fingerprint")},
+        "packing": settings.get("packing"), "long": settings.get("long"),
+        "stopped_by": manifest.get("stopped_by"), "shards": len(manifest["shards"]),
+        "sequences": num_seq, "tokens": tokens, "padding": num_seq * seq_len - tokens,
+        "fill": tokens / (num_seq * seq_len) if num_seq else 0.0,
+        "pieces": len(layout.lens), "documents": counts.get("documents"),
+        "docs_per_sequence": per_seq, "doc_len": describe(layout.lens), "sources": sources,
+        **{key: counts.get(key, 0) for key in ("split", "truncated", "truncated_tokens", "dropped", "dropped_tokens")},
+        "rejected": counts.get("rejected", {}),
     }
 
 
-def format_report(r: dict) -> str:
+def format_report(report: dict) -> str:
     """The table `prep inspect` prints."""
-    tok = r["tokenizer"]
-    dps = r["docs_per_sequence"]
+    tok, dps = report["tokenizer"], report["docs_per_sequence"]
     lines = [
-        f"{r['dir']}: {r['shards']} shards, seq_len {r['seq_len']:,}, tokenizer {tok['name']} "
-        f"(vocab {tok['vocab_size']:,}, pad id {r['pad_id']}), packing {r['packing']}, long {r['long']}"
-        + (", loss mask" if r["loss_mask"] else ""),
-        f"  sequences        {r['sequences']:,}",
-        f"  tokens           {r['tokens']:,}",
-        f"  fill             {r['fill']:.2%}   padding {r['padding']:,} tokens",
-        f"  documents        {r['documents']:,} source documents in {r['pieces']:,} pieces ({r['split']:,} split)",
+        f"{report['dir']}: {report['shards']} shards, seq_len {report['seq_len']:,}, tokenizer {tok['name']} "
+        f"(vocab {tok['vocab_size']:,}, pad id {report['pad_id']}), packing {report['packing']}, long {report['long']}"
+        + (", loss mask" if report["loss_mask"] else ""),
+        f"  sequences        {report['sequences']:,}",
+        f"  tokens           {report['tokens']:,}",
+        f"  fill             {report['fill']:.2%}   padding {report['padding']:,} tokens",
+        f"  documents        {report['documents']:,} source documents in {report['pieces']:,} pieces "
+        f"({report['split']:,} split)",
         f"  docs / sequence  mean {dps['mean']:.2f}   p50 {dps['p50']:g}   p99 {dps['p99']:g}   "
         f"min {dps['min']}   max {dps['max']}   (doc_lens entries per sequence)",
         "",
     ]
     header = ("  source", "requested", "achieved", "tokens", "docs", "pieces", "len mean", "p50", "p90", "p99", "max")
     rows = [header]
-    for s in r["sources"] + [{"name": "all", "requested_share": None, "achieved_share": 1.0, "tokens": r["tokens"],
-                              "documents": r["documents"], "pieces": r["pieces"], "doc_len": r["doc_len"]}]:
-        d = s["doc_len"]
-        rows.append((f"  {s['name']}", "" if s["requested_share"] is None else f"{s['requested_share']:.2%}",
-                     f"{s['achieved_share']:.2%}", f"{s['tokens']:,}", f"{s['documents']:,}", f"{s['pieces']:,}",
-                     f"{d['mean']:,.0f}", f"{d['p50']:,.0f}", f"{d['p90']:,.0f}", f"{d['p99']:,.0f}", f"{d['max']:,}"))
-    widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
+    everything = {"name": "all", "requested_share": None, "achieved_share": 1.0, "tokens": report["tokens"],
+                  "documents": report["documents"], "pieces": report["pieces"], "doc_len": report["doc_len"]}
+    for source in report["sources"] + [everything]:
+        share, lens = source["requested_share"], source["doc_len"]
+        rows.append((f"  {source['name']}", "" if share is None else f"{share:.2%}", f"{source['achieved_share']:.2%}",
+                     f"{source['tokens']:,}", f"{source['documents']:,}", f"{source['pieces']:,}",
+                     f"{lens['mean']:,.0f}", f"{lens['p50']:,.0f}", f"{lens['p90']:,.0f}", f"{lens['p99']:,.0f}",
+                     f"{lens['max']:,}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     for row in rows:
-        lines.append("  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])]).rstrip())
-    rejected = sum(r["rejected"].values())
-    lines += ["", f"  split {r['split']:,}   truncated {r['truncated']:,} ({r['truncated_tokens']:,} tokens)   "
-                  f"dropped {r['dropped']:,} ({r['dropped_tokens']:,} tokens)   rejected {rejected:,}"
-                  + (f" {r['rejected']}" if rejected else "") + f"   stopped by {r['stopped_by']}"]
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    rejected = sum(report["rejected"].values())
+    lines += ["", f"  split {report['split']:,}   truncated {report['truncated']:,} ({report['truncated_tokens']:,} "
+                  f"tokens)   dropped {report['dropped']:,} ({report['dropped_tokens']:,} tokens)   rejected {rejected:,}"
+                  + (f" {report['rejected']}" if rejected else "") + f"   stopped by {report['stopped_by']}"]
     return "\n".join(lines)
 
 
@@ -198,37 +154,23 @@ DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 RULE_WIDTH = 100
 
 
-def locate(manifest: dict, seq: int) -> tuple[int, int]:
-    """(shard index, row in that shard) of packed sequence `seq`, counted across the whole build."""
-    total = sum(s["rows"] for s in manifest["shards"])
+def read_row(out_dir, manifest: dict, seq: int) -> dict:
+    """Packed sequence `seq`, counted across the whole build, as numpy arrays: input_ids, doc_lens,
+    doc_sources and loss_mask (or None), with the shard and row it is in."""
+    total = sum(entry["rows"] for entry in manifest["shards"])
     if not 0 <= seq < total:
         raise ValueError(f"--seq {seq} is out of range: this build has {total:,} sequences (0..{total - 1})")
-    for i, s in enumerate(manifest["shards"]):
-        if seq < s["rows"]:
-            return i, seq
-        seq -= s["rows"]
-    raise AssertionError("unreachable")
-
-
-def read_row(out_dir, manifest: dict, seq: int) -> dict:
-    """One packed sequence as numpy arrays: input_ids, doc_lens, doc_sources and loss_mask (or None)."""
-    shard, row = locate(manifest, seq)
-    path = shard_paths(out_dir, manifest)[shard]
-    if not path.exists():
-        raise ValueError(f"{path} is missing; run `prep verify {out_dir}`")
-    try:
-        for batch in iter_batches(path):
-            if row < batch.num_rows:
-                one = batch.slice(row, 1)
-                out = {"shard": path.name, "row": row}
-                for name in ("input_ids", "doc_lens", "doc_sources", "loss_mask"):
-                    col = one.column(name) if name in one.schema.names else None
-                    out[name] = None if col is None else as_numpy(col.flatten())
-                return out
-            row -= batch.num_rows
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"can't read {path} ({e}); run `prep verify {out_dir}`") from None
-    raise ValueError(f"{path} has fewer rows than the manifest says; run `prep verify {out_dir}`")
+    shard = next(shard for shard in reversed(shard_files(out_dir, manifest)) if shard.first_row <= seq)
+    row = seq - shard.first_row
+    for batch in iter_batches(shard, manifest):
+        if row < batch.num_rows:
+            one = batch.slice(row, 1)
+            out = {"shard": shard.path.name, "row": row}
+            for name in ("input_ids", "doc_lens", "doc_sources", "loss_mask"):
+                out[name] = as_numpy(one.column(name).flatten()) if name in one.schema.names else None
+            return out
+        row -= batch.num_rows
+    raise AssertionError("unreachable: iter_batches refuses a shard with fewer rows than the manifest lists")
 
 
 @lru_cache(maxsize=2)
@@ -240,8 +182,7 @@ def load_decoder(name: str):
 
 
 def check_tokenizer(backend, manifest: dict, name: str) -> None:
-    from prep.shards import fingerprint
-
+    """ValueError when the tokenizer `name` (a tokenizers.Tokenizer) is not the one the build used."""
     built = manifest["tokenizer"].get("fingerprint")
     if built and fingerprint(backend) != built:
         raise ValueError(f"tokenizer {name!r} is not the one these shards were built with "
@@ -250,7 +191,7 @@ def check_tokenizer(backend, manifest: dict, name: str) -> None:
 
 def clip(segments: list[tuple[str, bool]], max_chars: int, hint: str) -> list[tuple[str, bool]]:
     """Keep the first and last max_chars/2 characters of a document (its question and its answer)."""
-    total = sum(len(t) for t, _ in segments)
+    total = sum(len(text) for text, _ in segments)
     if max_chars <= 0 or total <= max_chars:
         return segments
     head_budget, tail_budget = max_chars // 2, max_chars - max_chars // 2
@@ -276,52 +217,52 @@ def show(out_dir, seq: int = 0, doc: int | None = None, max_chars: int = 2000, c
     Special tokens stay visible. With a loss mask, tokens without loss are dimmed (color) or
     wrapped in ⟦ ⟧. `doc` shows one document whole; otherwise each is clipped to `max_chars`.
     """
-    manifest = load_manifest(out_dir)
-    r = read_row(out_dir, manifest, seq)
+    manifest = read_manifest(out_dir)
+    row = read_row(out_dir, manifest, seq)
     T, pad_id = manifest["seq_len"], manifest["pad_id"]
-    num_docs = len(r["doc_lens"])
+    num_docs = len(row["doc_lens"])
     if doc is not None and not 0 <= doc < num_docs:
         raise ValueError(f"--doc {doc} is out of range: sequence {seq} has {num_docs} documents (0..{num_docs - 1})")
     name = tokenizer or manifest["tokenizer"]["name"]
     try:
         backend = load_decoder(name)
-    except (OSError, ValueError) as e:  # transformers' messages run over several lines
-        raise ValueError(f"can't load tokenizer {name!r}: {' '.join(str(e).split())}; "
+    except (OSError, ValueError) as error:  # transformers' messages run over several lines
+        raise ValueError(f"can't load tokenizer {name!r}: {' '.join(str(error).split())}; "
                          "pass --tokenizer with the one the shards were built with") from None
     check_tokenizer(backend, manifest, name)
-    names = [s["name"] for s in manifest["sources"]]
-    starts = np.concatenate([[0], np.cumsum(r["doc_lens"], dtype=np.int64)])
+    names = [source["name"] for source in manifest["sources"]]
+    starts = np.concatenate([[0], np.cumsum(row["doc_lens"], dtype=np.int64)])
     used = int(starts[-1])
-    mask = r["loss_mask"]
+    mask = row["loss_mask"]
 
     def rule(text: str) -> str:
         line = f"━━━ {text} " + "━" * max(3, RULE_WIDTH - len(text) - 5)
         return f"{BOLD}{line}{RESET}" if color else line
 
-    lines = [f"sequence {seq} ({r['shard']} row {r['row']}): {num_docs} document{'s' * (num_docs != 1)}, "
+    lines = [f"sequence {seq} ({row['shard']} row {row['row']}): {num_docs} document{'s' * (num_docs != 1)}, "
              f"{used:,} tokens, {T - used:,} padding, seq_len {T:,}"]
     if mask is not None:
         lines.append(f"loss mask: {int(mask.sum()):,} of {used:,} tokens get loss; the others are "
                      + ("dimmed" if color else f"shown {NO_LOSS[0]}like this{NO_LOSS[1]}"))
-    for k in range(num_docs) if doc is None else [doc]:
-        a, b = int(starts[k]), int(starts[k + 1])
-        src = int(r["doc_sources"][k])
-        src_name = names[src] if src < len(names) else f"<bad source {src}>"
-        lines.append(rule(f"doc {k} · {src_name} · {b - a:,} tokens · positions {a:,}-{b - 1:,}"))
-        ids = r["input_ids"][a:b]
+    for index in range(num_docs) if doc is None else [doc]:
+        start, end = int(starts[index]), int(starts[index + 1])
+        source = int(row["doc_sources"][index])
+        source_name = names[source] if source < len(names) else f"<bad source {source}>"
+        lines.append(rule(f"doc {index} · {source_name} · {end - start:,} tokens · positions {start:,}-{end - 1:,}"))
+        ids = row["input_ids"][start:end]
         if mask is None:
             segments = [(backend.decode(ids.tolist(), skip_special_tokens=False), True)]
         else:  # decode each run of equal mask values on its own, to mark where the loss starts and stops
-            cuts = np.flatnonzero(np.diff(mask[a:b])) + 1
-            segments = [(backend.decode(ids[i:j].tolist(), skip_special_tokens=False), bool(mask[a + i]))
-                        for i, j in zip([0, *cuts], [*cuts, b - a])]
+            cuts = np.flatnonzero(np.diff(mask[start:end])) + 1
+            segments = [(backend.decode(ids[first:last].tolist(), skip_special_tokens=False), bool(mask[start + first]))
+                        for first, last in zip([0, *cuts], [*cuts, end - start])]
         if doc is None:
-            segments = clip(segments, max_chars, f"--seq {seq} --doc {k} shows it whole")
-        text = "".join(t if loss else (f"{DIM}{t}{RESET}" if color else f"{NO_LOSS[0]}{t}{NO_LOSS[1]}")
-                       for t, loss in segments)
+            segments = clip(segments, max_chars, f"--seq {seq} --doc {index} shows it whole")
+        text = "".join(part if loss else (f"{DIM}{part}{RESET}" if color else f"{NO_LOSS[0]}{part}{NO_LOSS[1]}")
+                       for part, loss in segments)
         lines.append(text.rstrip("\n"))
     if used < T and doc is None:
-        not_pad = int((r["input_ids"][used:] != pad_id).sum())
+        not_pad = int((row["input_ids"][used:] != pad_id).sum())
         pad_token = backend.id_to_token(pad_id)
         lines.append(rule(f"padding · {T - used:,} × {pad_token} (id {pad_id}) · positions {used:,}-{T - 1:,}"
                           + (f" · {not_pad:,} are not the pad id: run prep verify" if not_pad else "")))

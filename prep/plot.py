@@ -26,9 +26,8 @@ def plot(out_dir, png) -> Path:
     from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
     lay = read_layout(out_dir)
-    m = lay.manifest
-    T = m["seq_len"]
-    names = [s["name"] for s in m["sources"]]
+    T = lay.manifest["seq_len"]
+    names = [source["name"] for source in lay.manifest["sources"]]
     num_seq, tokens = len(lay.row_tokens), int(lay.row_tokens.sum())
     fill = lay.row_tokens / T
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
@@ -39,15 +38,15 @@ def plot(out_dir, png) -> Path:
     # the last edge is seq_len itself, so full-length pieces land in the bar just left of the line
     low = 10 ** np.floor(np.log10(max(1, lay.lens.min()))) if len(lay.lens) else 1
     bins = np.logspace(np.log10(low), np.log10(T), 60)
-    for i, name in enumerate(names):
-        mine = lay.lens[lay.sources == i]
+    for index, name in enumerate(names):
+        mine = lay.lens[lay.sources == index]
         if len(mine):
-            ax.hist(mine, bins=bins, histtype="step", linewidth=1.8, color=COLORS[i % len(COLORS)],
+            ax.hist(mine, bins=bins, histtype="step", linewidth=1.8, color=COLORS[index % len(COLORS)],
                     label=f"{name} ({len(mine):,}, median {np.median(mine):,.0f})")
     ax.axvline(T, color="black", linestyle="--", linewidth=1, label=f"seq_len {T:,}")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
     ax.set(title="Document length per source (split pieces count as documents)",
            xlabel="tokens per document (log scale)", ylabel="documents")
     ax.legend(fontsize=9, loc="upper left")
@@ -55,7 +54,7 @@ def plot(out_dir, png) -> Path:
     ax = axes[0, 1]
     top = int(lay.row_pieces.max()) if num_seq else 1
     _, _, bars = ax.hist(lay.row_pieces, bins=np.arange(0.5, top + 1.5), color=COLORS[0], edgecolor="white")
-    ax.bar_label(bars, labels=[f"{int(b.get_height()):,}" if b.get_height() else "" for b in bars], fontsize=8)
+    ax.bar_label(bars, labels=[f"{int(bar.get_height()):,}" if bar.get_height() else "" for bar in bars], fontsize=8)
     mean = lay.row_pieces.mean() if num_seq else 0
     ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.2f}")
     ax.set(title="Documents per sequence", xlabel="documents (doc_lens entries) in a sequence", ylabel="sequences")
@@ -68,17 +67,18 @@ def plot(out_dir, png) -> Path:
                label=f"mean {fill.mean() if num_seq else 0:.2%}")
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:,.0f}"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
     ax.set(title="Fill per sequence (non-padding share)", xlabel="fill", ylabel="sequences (log scale)")
     ax.legend(fontsize=9, loc="upper left")
 
     ax = axes[1, 1]
     x = np.arange(len(names))
-    asked = [s.get("requested_share") or 0 for s in m["sources"]]
-    got = [int(lay.lens[lay.sources == i].sum()) / max(1, tokens) for i in range(len(names))]
+    asked = [source.get("requested_share") or 0 for source in lay.manifest["sources"]]
+    got = [int(lay.lens[lay.sources == index].sum()) / max(1, tokens) for index in range(len(names))]
     ax.bar(x - 0.2, asked, 0.4, label="requested", color="#bbbbbb")
-    bars = ax.bar(x + 0.2, got, 0.4, label="achieved (colour of the source)", color=[COLORS[i % len(COLORS)] for i in x])
-    ax.bar_label(bars, labels=[f"{g:.1%}" for g in got], fontsize=9)
+    bars = ax.bar(x + 0.2, got, 0.4, label="achieved (colour of the source)",
+                  color=[COLORS[index % len(COLORS)] for index in x])
+    ax.bar_label(bars, labels=[f"{share:.1%}" for share in got], fontsize=9)
     ax.set_xticks(x, names)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylim(0, max(asked + got + [0.01]) * 1.3)

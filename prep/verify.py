@@ -3,16 +3,16 @@
   prep verify shards/          # every check; exit 0 with one OK line, else a report and exit 1
   prep verify shards/ --fast   # skip sha256 (hashing is ~most of the time on a big build)
 
-Checks, per shard: the file exists under a plain name, its sha256 matches the manifest, its Arrow
+Checks (those of prep/shards.py's reader, which the trainer runs too), per shard: the file exists under a plain name, its sha256 matches the manifest, its Arrow
 schema is the one `prep build` writes for this seq_len and loss-mask setting, it reads to the end,
 its row count matches. Per row: no nulls, doc_lens and doc_sources have the same number of
 entries, every doc_lens entry > 0 and their sum <= seq_len, every position after the documents
 is pad_id, every id < vocab_size, every doc_sources index names a manifest source, loss_mask is
-0/1 and 0 on padding. Then the manifest's totals (sequences, tokens, pieces, padding, per-source
+0/1 and 0 on padding. Unlike the other readers, verify goes on past a problem and lists them all. Then the manifest's totals (sequences, tokens, pieces, padding, per-source
 tokens) must equal what the data adds up to, and the directory must hold nothing else.
 
 Memory stays flat: shards are memory-mapped and checked one record batch (64 rows, 8 MiB at 32k)
-at a time with vectorised numpy, about 1 GB/s of ids on one core.
+at a time with vectorised numpy (scripts/bench_shards.py times it against sha256).
 """
 
 from collections import Counter, defaultdict
@@ -22,12 +22,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from prep.inspection import as_numpy, list_parts, load_manifest
-from prep.shards import MANIFEST, build_id_of, schema, sha256_file, unsafe_name
+from prep.shards import MANIFEST, ShardFile, iter_batches, list_parts, read_manifest, row_faults, shard_files
 
 ROWS_SHOWN = 5  # bad rows listed per shard and check; the rest are counted
-# A stream writer closes with this marker; a file cut at a batch boundary reads fine without it.
-END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 
 
 @dataclass
@@ -66,7 +63,7 @@ class BadRows:
         found = np.flatnonzero(which)
         self.counts[check] += len(found)
         room = max(0, ROWS_SHOWN - len(self.examples[check]))
-        self.examples[check] += [(int(rows[i]), detail(i)) for i in found[:room]]
+        self.examples[check] += [(int(rows[index]), detail(index)) for index in found[:room]]
 
     def problems(self, shard: str, first_sequence: int) -> list[Problem]:
         out = []
@@ -75,151 +72,82 @@ class BadRows:
                 continue
             (row, detail), *rest = self.examples[check]
             if count > 1:
-                detail += (f" (and {count - 1} more rows: {', '.join(str(r) for r, _ in rest)}"
+                detail += (f" (and {count - 1} more rows: {', '.join(str(other) for other, _ in rest)}"
                            + (", ..." if count > 1 + len(rest) else "") + ")")
             out.append(Problem(check, detail, shard, row, first_sequence + row))
         return out
 
 
 def check_batch(batch: pa.RecordBatch, first_row: int, manifest: dict, totals: Totals, bad: BadRows) -> None:
-    """Row checks of one record batch, all vectorised over the batch."""
-    T, pad_id = manifest["seq_len"], manifest["pad_id"]
-    vocab, num_sources = manifest["tokenizer"]["vocab_size"], len(manifest["sources"])
-    B = batch.num_rows
-    rows = np.arange(first_row, first_row + B)
-
-    def flag(check: str, which: np.ndarray, detail) -> None:
+    """Every row check of one record batch (prep.shards.row_faults), and its share of the totals."""
+    rows = np.arange(first_row, first_row + batch.num_rows)
+    for check, which, detail in row_faults(batch, manifest):
         bad.add(check, rows, which, detail)
-
-    for name in batch.schema.names:
-        if batch.column(name).null_count:
-            flag("nulls", batch.column(name).is_null().to_numpy(zero_copy_only=False), lambda i: f"{name} is null")
-    lens, len_offsets = list_parts(batch.column("doc_lens"))
-    srcs, src_offsets = list_parts(batch.column("doc_sources"))
-    lens = lens.astype(np.int64)
-    csum = np.concatenate([[0], np.cumsum(lens)])
-    used = csum[len_offsets[1:]] - csum[len_offsets[:-1]]
-    num_entries, num_srcs = np.diff(len_offsets), np.diff(src_offsets)
-    flag("doc_sources", num_entries != num_srcs,
-         lambda i: f"{num_srcs[i]} entries for {num_entries[i]} doc_lens entries")
-    flag("doc_lens", used > T, lambda i: f"sum(doc_lens) = {used[i]:,} > seq_len {T:,}")
-    row_of_entry = np.repeat(np.arange(B), num_entries)
-    zero = np.zeros(B, bool)
-    zero[row_of_entry[lens == 0]] = True
-    flag("doc_lens", zero, lambda i: "an entry is 0")
-    row_of_src = np.repeat(np.arange(B), num_srcs)
-    foreign = np.zeros(B, bool)
-    foreign[row_of_src[srcs >= num_sources]] = True
-    flag("doc_sources", foreign, lambda i: f"index {srcs[row_of_src == i].max()} but the manifest has "
-                                           f"{num_sources} sources")
-
-    ids = as_numpy(batch.column("input_ids").flatten()).reshape(B, T)
-    out_of_vocab = (ids >= vocab).any(axis=1)
-    flag("ids", out_of_vocab, lambda i: f"id {ids[i].max():,} >= vocab_size {vocab:,} at position "
-                                        f"{int(np.argmax(ids[i] >= vocab)):,}")
-    padding = np.arange(T)[None, :] >= np.minimum(used, T)[:, None]
-    not_pad = (ids != pad_id) & padding
-    flag("padding", not_pad.any(axis=1),
-         lambda i: f"{int(not_pad[i].sum()):,} tokens after the documents (from position {used[i]:,}) "
-                   f"are not pad id {pad_id}")
-    if "loss_mask" in batch.schema.names:
-        mask = as_numpy(batch.column("loss_mask").flatten()).reshape(B, T)
-        flag("loss_mask", (mask > 1).any(axis=1), lambda i: f"value {mask[i].max()} (only 0 and 1 are allowed)")
-        flag("loss_mask", ((mask != 0) & padding).any(axis=1), lambda i: "padding has loss")
-
-    totals.sequences += B
+    lens = list_parts(batch.column("doc_lens"))[0].astype(np.int64)
+    srcs = list_parts(batch.column("doc_sources"))[0]
+    totals.sequences += batch.num_rows
     totals.tokens += int(lens.sum())
     totals.pieces += len(lens)
+    num_sources = len(manifest["sources"])
     ok = srcs < num_sources
     if len(srcs) == len(lens):
         totals.source_tokens += np.bincount(srcs[ok], weights=lens[ok], minlength=num_sources).astype(np.int64)
 
 
-def check_shard(path: Path, entry: dict, first_sequence: int, manifest: dict, totals: Totals,
-                fast: bool) -> list[Problem]:
-    name = path.name
-    if not path.is_file():
-        return [Problem("missing", f"listed in the manifest but not in {path.parent}", name)]
-    problems = []
-    digest = None if fast else sha256_file(path)
-    if digest is not None and digest != entry.get("sha256"):
-        problems.append(Problem("sha256", f"{digest[:16]}... but the manifest says "
-                                          f"{str(entry.get('sha256'))[:16]}...: the file changed after the build", name))
-    expected = schema(manifest["seq_len"], bool(manifest.get("loss_mask")))
-    bad = BadRows()
-    rows = 0
-    try:
-        with pa.memory_map(str(path)) as source:
-            reader = pa.ipc.open_stream(source)
-            if not reader.schema.equals(expected):
-                return problems + [Problem("schema", f"{reader.schema.to_string(show_schema_metadata=False)!r} "
-                                                     f"but expected {expected.to_string()!r}".replace("\\n", ", "),
-                                           name)]
-            written_by = build_id_of(reader.schema)
-            if written_by != manifest.get("build_id", ""):
-                problems.append(Problem("build", f"written by build {written_by[:23] or '(none)'}..., not this "
-                                                 f"manifest's {str(manifest.get('build_id'))[:23]}...: a shard from "
-                                                 "another build", name))
-            for batch in reader:
-                check_batch(batch, rows, manifest, totals, bad)
-                rows += batch.num_rows
-            source.seek(max(0, source.size() - 8))
-            if source.read(8) != END_OF_STREAM:
-                problems.append(Problem("read", f"no end-of-stream marker after row {rows - 1}: the file was cut "
-                                                "short or never closed", name))
-    except (pa.ArrowException, OSError, ValueError) as e:
-        problems.append(Problem("read", f"unreadable after {rows} rows ({e}): truncated or corrupt", name, rows,
-                                first_sequence + rows))
-    problems += bad.problems(name, first_sequence)
-    if rows != entry.get("rows"):
-        problems.append(Problem("rows", f"{rows} rows but the manifest says {entry.get('rows')}", name))
-    return problems
+def check_shard(shard: ShardFile, manifest: dict, totals: Totals, fast: bool) -> list[Problem]:
+    """Every problem of one shard: what the reader checks of the file, then every row."""
+    name, problems, bad, rows = shard.path.name, [], BadRows(), 0
+
+    def report(check: str, message: str, row: int | None = None) -> None:
+        problems.append(Problem(check, message, name, row, None if row is None else shard.first_row + row))
+
+    for batch in iter_batches(shard, manifest, check_hash=not fast, report=report):
+        check_batch(batch, rows, manifest, totals, bad)
+        rows += batch.num_rows
+    return problems + bad.problems(name, shard.first_row)
 
 
 def check_totals(manifest: dict, totals: Totals) -> list[Problem]:
-    c, T = manifest["counts"], manifest["seq_len"]
+    """The manifest's counts against what the rows add up to."""
+    counts, T = manifest["counts"], manifest["seq_len"]
     data = {"sequences": totals.sequences, "tokens": totals.tokens, "pieces": totals.pieces,
             "padding": totals.sequences * T - totals.tokens}
-    problems = [Problem("totals", f"counts.{k} is {c.get(k)} but the data has {v}") for k, v in data.items()
-                if c.get(k) != v]
-    listed = sum(s.get("rows", 0) for s in manifest["shards"])
-    if listed != c.get("sequences"):
-        problems.append(Problem("totals", f"shard rows add up to {listed} but counts.sequences is {c.get('sequences')}"))
-    for s, tokens in zip(manifest["sources"], totals.source_tokens.tolist()):
-        if s.get("tokens") != tokens:
-            problems.append(Problem("totals", f"source {s.get('name')!r} has tokens {s.get('tokens')} but the "
-                                              f"data has {tokens}"))
-        elif totals.tokens and abs(s.get("achieved_share", 0) - tokens / totals.tokens) > 1e-9:
-            problems.append(Problem("totals", f"source {s.get('name')!r} has achieved_share {s.get('achieved_share')} "
-                                              f"but the data gives {tokens / totals.tokens}"))
-    documents = sum(s.get("documents", 0) for s in manifest["sources"])
-    if documents != c.get("documents"):
-        problems.append(Problem("totals", f"counts.documents is {c.get('documents')} but the sources add up to "
-                                          f"{documents}"))
+    problems = [Problem("totals", f"counts.{key} is {counts.get(key)} but the data has {value}")
+                for key, value in data.items() if counts.get(key) != value]
+    listed = sum(entry.get("rows", 0) for entry in manifest["shards"])
+    if listed != counts.get("sequences"):
+        problems.append(Problem("totals", f"shard rows add up to {listed} but counts.sequences is "
+                                          f"{counts.get('sequences')}"))
+    for source, tokens in zip(manifest["sources"], totals.source_tokens.tolist()):
+        name, share = source.get("name"), source.get("achieved_share", 0)
+        if source.get("tokens") != tokens:
+            problems.append(Problem("totals", f"source {name!r} has tokens {source.get('tokens')} but the data has "
+                                              f"{tokens}"))
+        elif totals.tokens and abs(share - tokens / totals.tokens) > 1e-9:
+            problems.append(Problem("totals", f"source {name!r} has achieved_share {share} but the data gives "
+                                              f"{tokens / totals.tokens}"))
+    documents = sum(source.get("documents", 0) for source in manifest["sources"])
+    if documents != counts.get("documents"):
+        problems.append(Problem("totals", f"counts.documents is {counts.get('documents')} but the sources add up "
+                                          f"to {documents}"))
     return problems
 
 
 def verify(out_dir, fast: bool = False) -> list[Problem]:
     """Every problem found in a build directory ([] when it's sound). ValueError when it is no build at all."""
     out_dir = Path(out_dir)
-    manifest = load_manifest(out_dir)
+    manifest = read_manifest(out_dir)
     problems: list[Problem] = []
     totals = Totals(source_tokens=np.zeros(len(manifest["sources"]), np.int64))
-    listed, first_sequence, complete = set(), 0, True
-    for entry in manifest["shards"]:
-        name = entry.get("file")
-        if unsafe_name(name) or name in listed or name == MANIFEST:
-            problems.append(Problem("name", f"shard file name {name!r} is not a plain, unique file name in "
-                                            f"{out_dir}; it is not read"))
-            complete = False
-            continue
-        listed.add(name)
-        found = check_shard(out_dir / name, entry, first_sequence, manifest, totals, fast)
-        complete = complete and not any(p.check in ("missing", "read", "schema") for p in found)
+    shards = shard_files(out_dir, manifest, report=lambda check, message: problems.append(Problem(check, message)))
+    complete = None not in shards
+    for shard in filter(None, shards):
+        found = check_shard(shard, manifest, totals, fast)
+        complete = complete and not any(problem.check in ("missing", "read", "schema") for problem in found)
         problems += found
-        first_sequence += entry.get("rows", 0)
     if complete:  # totals over a partly unread build would only repeat the problems above
         problems += check_totals(manifest, totals)
+    listed = {shard.path.name for shard in shards if shard}
     for path in sorted(out_dir.iterdir()):
         if path.name != MANIFEST and path.name not in listed:
             problems.append(Problem("extra-file", "not part of this build (the manifest doesn't list it)", path.name))

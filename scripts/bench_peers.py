@@ -270,8 +270,7 @@ def part_data_path(work: Path, tok: Path, repeats: int, num_batches: int = 64) -
     from train.data import Loader, PackedShards
 
     shards = PackedShards(str(work / "ours"))
-    vocab_size = int(shards.manifest["tokenizer"]["vocab_size"])
-    loader = Loader(shards, batch_size=1, grad_accum=1, rank=0, world_size=1, seed=42, vocab_size=vocab_size)
+    loader = Loader(shards, batch_size=1, grad_accum=1, rank=0, world_size=1, seed=42)
     packed = load_from_disk(str(work / "trl"))
     collator = DataCollatorForLanguageModeling(pad_token_id=AutoTokenizer.from_pretrained(tok).pad_token_id,
                                                padding_free=True)

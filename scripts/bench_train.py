@@ -90,7 +90,7 @@ def trl_worker(args) -> None:
     cfg = TrainConfig(shards=args.shards, model_config="tiny", lr=args.lr, grad_accum=args.grad_accum,
                       activation_checkpointing=False)  # SFTConfig switches it on, the Trainer's way
     shards = PackedShards(args.shards)
-    loader = Loader(shards, 1, args.grad_accum, 0, 1, cfg.seed, vocab_size=128256)
+    loader = Loader(shards, 1, args.grad_accum, 0, 1, cfg.seed)
     order = [i for step in range(args.steps) for micro in loader.rows_of_step(step) for i in micro]
     rows = [shards[i] for i in order]
     dataset = Dataset.from_dict({

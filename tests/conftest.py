@@ -1,10 +1,13 @@
-"""Shared fixtures: the SmolLM3 encoder (built offline once, cached) and small generated corpora."""
+"""Shared fixtures: the SmolLM3 encoder (built offline once, cached), small generated corpora, and the
+tests' own reader of shards (plain pyarrow, independent of prep.shards' reader)."""
 
 import json
 import os
 import random
 import tempfile
+from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 # Hermetic: every run builds SmolLM3's tokenizer offline into its own cache, as a fresh machine does.
@@ -29,6 +32,29 @@ def write_jsonl(path, rows) -> str:
         for row in rows:
             f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
     return str(path)
+
+
+def read_shard(path) -> pa.Table:
+    """One shard file as a table, read into memory with plain pyarrow (not memory-mapped: tests
+    rewrite shards in place after reading them)."""
+    with pa.OSFile(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+def read_rows(out_dir) -> list[dict]:
+    """Every sequence of a build in manifest order: input_ids and loss_mask (None without one) as numpy
+    arrays, doc_lens and doc_sources as lists."""
+    manifest = json.loads((Path(out_dir) / "manifest.json").read_text())
+    rows = []
+    for info in manifest["shards"]:
+        table = read_shard(Path(out_dir) / info["file"])
+        ids = table["input_ids"].combine_chunks().flatten().to_numpy().reshape(len(table), -1)
+        masks = (table["loss_mask"].combine_chunks().flatten().to_numpy().reshape(len(table), -1)
+                 if "loss_mask" in table.column_names else [None] * len(table))
+        for row_ids, lens, sources, mask in zip(ids, table["doc_lens"].to_pylist(), table["doc_sources"].to_pylist(),
+                                                masks):
+            rows.append({"input_ids": row_ids, "doc_lens": lens, "doc_sources": sources, "loss_mask": mask})
+    return rows
 
 
 @pytest.fixture(scope="session")

@@ -1,34 +1,18 @@
 """End-to-end `prep build`: rows in, shards out; nothing lost, deterministic, readable by pyarrow and datasets."""
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from prep.build import BuildConfig, build
 from prep.render import render
 from prep.sources import iter_rows, to_messages
 
-from conftest import smoltalk_row, write_jsonl
+from conftest import read_rows, read_shard, smoltalk_row, write_jsonl
 
 T = 1024
-
-
-def read_shards(out) -> list[dict]:
-    """Every sequence of a build as {ids, lens, sources, mask}, read through a memory map."""
-    manifest = json.loads((Path(out) / "manifest.json").read_text())
-    rows = []
-    for info in manifest["shards"]:
-        table = pa.ipc.open_stream(pa.memory_map(str(Path(out) / info["file"]))).read_all()
-        ids = table["input_ids"].combine_chunks().flatten().to_numpy().reshape(len(table), -1)
-        masks = (table["loss_mask"].combine_chunks().flatten().to_numpy().reshape(len(table), -1)
-                 if "loss_mask" in table.column_names else [None] * len(table))
-        for r, lens, srcs, mask in zip(ids, table["doc_lens"].to_pylist(), table["doc_sources"].to_pylist(), masks):
-            rows.append({"ids": r, "lens": lens, "sources": srcs, "mask": mask})
-    return rows
 
 
 def expected_docs(encoder, path) -> list[np.ndarray]:
@@ -46,7 +30,7 @@ def run(tmp_path, name="out", **kw) -> tuple[dict, Path]:
 
 def test_every_token_comes_back(tmp_path, encoder, corpus):
     manifest, out = run(tmp_path, mix="a=0.5,b=0.5", sources=corpus)
-    rows = read_shards(out)
+    rows = read_rows(out)
     want = {i: expected_docs(encoder, corpus[name]) for i, name in enumerate(["a", "b"])}
     used = {i: manifest["sources"][i]["documents"] for i in want}
     assert 0 < used[0] <= len(want[0]) and 0 < used[1] <= len(want[1])
@@ -54,11 +38,11 @@ def test_every_token_comes_back(tmp_path, encoder, corpus):
 
     pieces, piece_sources = [], Counter()
     for row in rows:
-        assert sum(row["lens"]) <= T
-        assert (row["ids"][sum(row["lens"]):] == manifest["pad_id"]).all()
-        starts = np.cumsum([0] + row["lens"])
-        for a, b, s in zip(starts, starts[1:], row["sources"]):
-            pieces.append(row["ids"][a:b])
+        assert sum(row["doc_lens"]) <= T
+        assert (row["input_ids"][sum(row["doc_lens"]):] == manifest["pad_id"]).all()
+        starts = np.cumsum([0] + row["doc_lens"])
+        for a, b, s in zip(starts, starts[1:], row["doc_sources"]):
+            pieces.append(row["input_ids"][a:b])
             piece_sources[s] += b - a
     # documents that fit come back whole, exactly once
     whole = Counter(p.tobytes() for p in pieces)
@@ -104,11 +88,11 @@ def test_long_policies_and_wrapped(tmp_path, corpus):
     assert n_long > 0 and trunc["counts"]["truncated"] == drop["counts"]["dropped"] == n_long
     assert trunc["counts"]["tokens"] + trunc["counts"]["truncated_tokens"] == split["counts"]["tokens"]
     assert drop["counts"]["tokens"] + drop["counts"]["dropped_tokens"] == split["counts"]["tokens"]
-    assert all(n <= T for row in read_shards(out) for n in row["lens"])
+    assert all(n <= T for row in read_rows(out) for n in row["doc_lens"])
     wrapped, out = run(tmp_path, "wrapped", mix="b=1", sources={"b": corpus["b"]}, packing="wrapped")
-    rows = read_shards(out)
+    rows = read_rows(out)
     assert wrapped["counts"]["tokens"] == split["counts"]["tokens"]
-    assert all(sum(r["lens"]) == T for r in rows[:-1])  # wrapped: every sequence full but the last
+    assert all(sum(r["doc_lens"]) == T for r in rows[:-1])  # wrapped: every sequence full but the last
 
 
 def test_loss_on_assistant(tmp_path, encoder):
@@ -118,12 +102,12 @@ def test_loss_on_assistant(tmp_path, encoder):
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
     manifest, out = run(tmp_path, mix="qa=1", sources={"qa": path}, loss_on="assistant", seq_len=256)
     assert manifest["loss_mask"]
-    row = read_shards(out)[0]
-    n = row["lens"][0]
-    text = encoder.decode(row["ids"][:n][row["mask"][:n] == 1])
+    row = read_rows(out)[0]
+    n = row["doc_lens"][0]
+    text = encoder.decode(row["input_ids"][:n][row["loss_mask"][:n] == 1])
     # the header's "\n" and the content's leading "\n" merge into one token that starts in the header: no loss
     assert text == "<think>\nsix sevens\n</think>\n\n42<|im_end|>  42 again<|im_end|>"
-    assert (row["mask"][sum(row["lens"]):] == 0).all()
+    assert (row["loss_mask"][sum(row["doc_lens"]):] == 0).all()
 
 
 def test_bad_rows_are_counted_and_change_nothing_else(tmp_path, corpus):
@@ -143,8 +127,7 @@ def test_bad_rows_are_counted_and_change_nothing_else(tmp_path, corpus):
     clean_shards, dirty_shards = sorted(clean_out.glob("shard-*")), sorted(dirty_out.glob("shard-*"))
     assert len(clean_shards) == len(dirty_shards)
     for a, b in zip(clean_shards, dirty_shards):  # same sequences; only the build id in the metadata differs
-        read = lambda p: pa.ipc.open_stream(pa.memory_map(str(p))).read_all()
-        assert read(a).equals(read(b))
+        assert read_shard(a).equals(read_shard(b))
     with pytest.raises(ValueError, match="max-bad-frac"):
         run(tmp_path, "strict", mix="s=1", sources={"s": str(tmp_path / "dirty.jsonl")}, max_bad_frac=0.01)
 

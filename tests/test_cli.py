@@ -62,3 +62,68 @@ def test_console_script_skips_interpreter_teardown(args, code):
     assert result.returncode == code, result.stderr
     assert "TEARDOWN RAN" not in result.stdout
     assert ("Usage" in result.stdout) if code == 0 else ("unknown source 'bogus'" in result.stderr)
+
+
+def test_build_options_are_generated_from_build_config(monkeypatch):
+    """Every BuildConfig field is a `prep build` option with its docstring as help and its default;
+    a dict field (sources) is the hand-written, repeatable --source."""
+    import typer.main
+
+    import prep.cli
+    from prep.build import BuildConfig
+    from prep.settings import field_docs
+
+    params = {param.name: param for param in typer.main.get_command(app).commands["build"].params}
+    for name, doc in field_docs(BuildConfig).items():
+        assert params[name].help == doc or name == "sources", name
+    assert params["sources"].opts == ["--source"] and params["sources"].multiple
+    assert params["progress"].secondary_opts == ["--no-progress"] and params["sample"].secondary_opts == []
+
+    made = []
+    monkeypatch.setattr(prep.cli, "build", made.append)
+    assert runner.invoke(app, ["build"]).exit_code == 0
+    args = ["--mix", "a=1", "--source", "a=x.jsonl", "--sample", "--no-progress", "--seq-len", "64",
+            "--packing", "wrapped", "--max-tokens", "5", "--max-bad-frac", "0.5"]
+    assert runner.invoke(app, ["build", *args]).exit_code == 0
+    assert made == [BuildConfig(), BuildConfig(mix="a=1", sources={"a": "x.jsonl"}, sample=True, progress=False,
+                                               seq_len=64, packing="wrapped", max_tokens=5, max_bad_frac=0.5)]
+
+
+def test_a_new_settings_field_becomes_an_option_with_no_other_edit():
+    import inspect
+    from dataclasses import dataclass
+    from typing import Literal
+
+    import typer
+
+    from prep.cli import config_options
+    from prep.settings import check_choices
+
+    @dataclass
+    class Toy:
+        size: int = 3
+        """How big."""
+        shape: Literal["round", "square"] = "round"
+        """Which shape."""
+        limit: float | None = None
+        """At most this."""
+        loud: bool = True
+        """Say it."""
+
+    made = []
+
+    def command(**settings):
+        toy = Toy(**settings)
+        check_choices(toy)
+        made.append(toy)
+
+    command.__signature__ = inspect.Signature(config_options(Toy, {}))
+    toy_app = typer.Typer()
+    toy_app.command()(command)
+    assert runner.invoke(toy_app, ["--size", "5", "--shape", "square", "--limit", "0.5", "--no-loud"]).exit_code == 0
+    assert made == [Toy(5, "square", 0.5, False)]
+    help_text = runner.invoke(toy_app, ["--help"]).output
+    assert "How big." in help_text and "<round|square>" in help_text and "--no-loud" in help_text
+    result = runner.invoke(toy_app, ["--shape", "oval"])
+    assert result.exit_code != 0 and isinstance(result.exception, ValueError)
+    assert str(result.exception) == "--shape must be one of round, square, not 'oval'"

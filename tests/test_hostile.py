@@ -12,6 +12,8 @@ import pytest
 
 from prep.build import BuildConfig, build
 
+from conftest import read_shard
+
 HOSTILE = Path(__file__).parent / "data" / "hostile.jsonl"
 # The reason each bad row (lines 2, 4, 6, ...) must be counted under, in file order.
 EXPECTED = [
@@ -25,10 +27,6 @@ EXPECTED = [
     "bad_json", "bad_json", "bad_json", "invalid_utf8", "invalid_utf8", "invalid_utf8",
 ]
 SETTINGS = dict(mix="h=1", seq_len=512, rows_per_shard=8, progress=False, max_bad_frac=1.0)
-
-
-def table(path: Path) -> pa.Table:
-    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
 
 
 def test_every_bad_row_is_named_and_good_rows_are_untouched(tmp_path):
@@ -50,7 +48,7 @@ def test_every_bad_row_is_named_and_good_rows_are_untouched(tmp_path):
     assert clean["counts"]["tokens"] == manifest["counts"]["tokens"]
     assert [s["rows"] for s in clean["shards"]] == [s["rows"] for s in manifest["shards"]]
     for a, b in zip(clean["shards"], manifest["shards"]):
-        assert table(tmp_path / "clean" / a["file"]).equals(table(tmp_path / "dirty" / b["file"]))
+        assert read_shard(tmp_path / "clean" / a["file"]).equals(read_shard(tmp_path / "dirty" / b["file"]))
 
 
 def test_special_token_strings_in_content_stay_special(tmp_path, encoder):
@@ -60,7 +58,7 @@ def test_special_token_strings_in_content_stay_special(tmp_path, encoder):
     path = tmp_path / "special.jsonl"
     path.write_text(json.dumps(row) + "\n")
     manifest = build(BuildConfig(out=str(tmp_path / "o"), sources={"h": str(path)}, **SETTINGS), log=lambda m: None)
-    t = table(tmp_path / "o" / manifest["shards"][0]["file"])
+    t = read_shard(tmp_path / "o" / manifest["shards"][0]["file"])
     n = t["doc_lens"][0].as_py()[0]
     ids = t["input_ids"][0].values.to_numpy()[:n].tolist()
     assert ids.count(128012) == 3  # two turn ends + one inside the user's content

@@ -19,6 +19,8 @@ from prep.inspection import inspect, show
 from prep.shards import schema, sha256_file
 from prep.verify import Problem, verify
 
+from conftest import read_rows, read_shard
+
 T = 2048
 runner = CliRunner()
 
@@ -48,16 +50,6 @@ def damaged(shards, tmp_path) -> Path:
     return Path(shutil.copytree(shards, tmp_path / "copy"))
 
 
-def read_rows(out: Path) -> list[dict]:
-    """Every row through plain pyarrow and Python lists: an independent count of what the shards hold."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    rows = []
-    for info in manifest["shards"]:
-        with open(out / info["file"], "rb") as f:
-            rows += pa.ipc.open_stream(f).read_all().to_pylist()
-    return rows
-
-
 def manifest_of(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
@@ -79,7 +71,7 @@ def test_inspect_json_equals_an_independent_count(shards):
     per_seq = [len(r["doc_lens"]) for r in rows]
     assert got["sequences"] == len(rows) == manifest["counts"]["sequences"]
     assert got["tokens"] == tokens == manifest["counts"]["tokens"]
-    assert got["padding"] == sum(r["input_ids"].count(manifest["pad_id"]) for r in rows)
+    assert got["padding"] == sum(int((r["input_ids"] == manifest["pad_id"]).sum()) for r in rows)
     assert got["fill"] == pytest.approx(tokens / (len(rows) * T))
     assert got["pieces"] == len(lens) and got["documents"] == manifest["counts"]["documents"]
     assert got["docs_per_sequence"] == pytest.approx({
@@ -114,7 +106,8 @@ def test_inspect_never_reads_input_ids(shards, monkeypatch):
 
     asked = []
     real = ins.iter_batches
-    monkeypatch.setattr(ins, "iter_batches", lambda path, columns=None: asked.append(columns) or real(path, columns))
+    monkeypatch.setattr(ins, "iter_batches", lambda *args, columns=None, **kwargs:
+                        asked.append(columns) or real(*args, columns=columns, **kwargs))
     inspect(shards)
     assert asked and all(columns == ["doc_lens", "doc_sources"] for columns in asked)
 
@@ -144,7 +137,7 @@ def test_show_doc_is_whole_and_decodes_exactly(shards):
     seq = next(i for i, r in enumerate(rows) if len(r["doc_lens"]) >= 2)
     lens = rows[seq]["doc_lens"]
     ids = rows[seq]["input_ids"][lens[0]:lens[0] + lens[1]]
-    text = load_hf_tokenizer().decode(ids, skip_special_tokens=False)
+    text = load_hf_tokenizer().decode(ids.tolist(), skip_special_tokens=False)
     out = show(shards, seq=seq, doc=1, max_chars=100)
     assert "doc 0 ·" not in out and "━━━ doc 1 ·" in out
     assert text.rstrip("\n") in out and "characters not shown" not in out
@@ -240,8 +233,7 @@ def test_verify_names_shard_row_and_check(damaged):
     manifest = manifest_of(damaged)
     for index, info in enumerate(manifest["shards"]):  # the first shard with a padded row
         path = damaged / info["file"]
-        with open(path, "rb") as f:
-            table = pa.ipc.open_stream(f).read_all()
+        table = read_shard(path)
         lens = table["doc_lens"].to_pylist()
         padded = next((r for r in range(len(table)) if sum(lens[r]) < T), None)
         if padded is not None:
@@ -273,8 +265,7 @@ def test_verify_names_shard_row_and_check(damaged):
 
 def test_verify_checks_the_schema(damaged):
     path = damaged / "shard-00000.arrow"
-    with open(path, "rb") as f:
-        table = pa.ipc.open_stream(f).read_all()
+    table = read_shard(path)
     table = table.cast(pa.schema([f.with_type(pa.list_(pa.uint64())) if f.name == "doc_lens" else f
                                   for f in table.schema]))
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
@@ -331,6 +322,15 @@ def test_not_a_build_is_one_line_and_exit_2(command, shards, tmp_path):
     (foreign / "manifest.json").write_text(json.dumps(manifest))
     result = prep(command, foreign)
     assert one_line_error(result) and "v9" in result.output
+
+
+@pytest.mark.parametrize("args", [["inspect"], ["show", "--seq", 31], ["plot", "-o"]])
+def test_a_cut_shard_is_one_line_naming_the_shard_and_the_check(args, damaged, tmp_path):
+    path = damaged / "shard-00000.arrow"  # rows 0-31
+    path.write_bytes(path.read_bytes()[:-1000])
+    result = prep(args[0], damaged, *args[1:], *([tmp_path / "never.png"] if args[0] == "plot" else []))
+    assert one_line_error(result) and "shard-00000.arrow" in result.output and ": read: " in result.output
+    assert f"prep verify {damaged}" in result.output
 
 
 def test_help_has_examples():

@@ -3,12 +3,13 @@
 import random
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from prep.mix import Doc, Mixer, parse_mix
 from prep.pack import BfdPacker, WrappedPacker
 from prep.shards import ShardWriter
+
+from conftest import read_shard
 
 PAD = 128004
 
@@ -54,7 +55,7 @@ def test_documents_round_trip_through_shards(tmp_path, packing, seed):
 
     pieces, sources = [], {}
     for info in shards:
-        table = pa.ipc.open_stream(pa.memory_map(str(tmp_path / info["file"]))).read_all()
+        table = read_shard(tmp_path / info["file"])
         ids = table["input_ids"].combine_chunks().flatten().to_numpy().reshape(-1, T)
         for row, lens, srcs in zip(ids, table["doc_lens"].to_pylist(), table["doc_sources"].to_pylist()):
             assert sum(lens) <= T and all(n > 0 for n in lens)

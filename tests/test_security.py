@@ -1,4 +1,5 @@
-"""Nothing we ship deserialises pickles or runs remote code by default; manifests can't point outside their directory."""
+"""Nothing we ship deserialises pickles or runs remote code by default; manifests can't point outside their directory
+or make a reader open a file twice."""
 
 import json
 import re
@@ -47,6 +48,7 @@ def built(tmp_path_factory, corpus):
 def test_manifest_paths_cannot_leave_the_directory(built, tmp_path, name):
     from prep.inspection import inspect
     from prep.verify import verify
+    from train.data import PackedShards
 
     out = Path(shutil.copytree(built, tmp_path / "copy"))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -54,4 +56,22 @@ def test_manifest_paths_cannot_leave_the_directory(built, tmp_path, name):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="not a plain file name"):
         inspect(out)
+    with pytest.raises(ValueError, match="not a plain file name"):
+        PackedShards(str(out))
     assert any(p.check == "name" for p in verify(out))
+
+
+@pytest.mark.parametrize("name", [None, "manifest.json"])
+def test_a_shard_listed_twice_or_named_manifest_is_never_read(built, tmp_path, name):
+    from prep.inspection import inspect
+    from prep.verify import verify
+    from train.data import PackedShards
+
+    out = Path(shutil.copytree(built, tmp_path / "copy"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"].append({**manifest["shards"][0], **({"file": name} if name else {})})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for reader in (inspect, PackedShards):
+        with pytest.raises(ValueError, match="twice or names itself"):
+            reader(str(out))
+    assert [p.check for p in verify(out) if p.check == "name"] == ["name"]

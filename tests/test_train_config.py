@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from train.config import TrainConfig, field_docs, parse_args
+from prep.settings import field_choices, field_docs
+from train.config import TrainConfig, parse_args
 
 # recipes/smollm3/sft/mid.yaml of the alignment-handbook, as published.
 HANDBOOK_MID = """\
@@ -125,6 +126,7 @@ def test_transformers5_warmup_steps_and_yaml_nulls(tmp_path):
     ("num_train_epochs: many\n", "must be of type int"),
     ("gradient_checkpointing: 1\n", "true or false"),
     ("- a list\n", "YAML mapping"),
+    ("dist: zero3\n", "--dist must be one of auto, ddp, fsdp, not 'zero3'"),
 ])
 def test_bad_recipes_fail_with_the_key_named(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -154,5 +156,9 @@ def test_help_shows_every_setting_and_real_examples():
     assert out.returncode == 0
     for name, doc in field_docs(TrainConfig).items():
         assert "--" + name.replace("_", "-") in out.stdout and doc
+    choices = field_choices(TrainConfig)
+    assert choices
+    for name, allowed in choices.items():  # shown from the field's Literal annotation
+        assert "--" + name.replace("_", "-") + " {" + ",".join(allowed) + "}" in out.stdout
     assert "torchrun --nproc-per-node 8 -m train --shards shards/" in out.stdout
     assert "--model-config tiny" in out.stdout and "--resume" in out.stdout

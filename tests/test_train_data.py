@@ -16,8 +16,9 @@ PAD = 128004
 
 
 def write_shards(out: Path, rows: list[list[tuple[list[int], int]]], seq_len: int, masks=None,
-                 fingerprint: str = "sha256:test", rows_per_shard: int = 3) -> Path:
-    """rows: for each packed sequence, its documents as (ids, source index). Writes prep's layout."""
+                 fingerprint: str = "sha256:test", rows_per_shard: int = 3, doc_lens=None) -> Path:
+    """rows: for each packed sequence, its documents as (ids, source index). Writes prep's layout.
+    doc_lens, when given, replaces the document lengths of each row (to write a corrupt one)."""
     out.mkdir(parents=True, exist_ok=True)
     fields = [pa.field("input_ids", pa.list_(pa.uint32(), seq_len)), pa.field("doc_lens", pa.list_(pa.uint32())),
               pa.field("doc_sources", pa.list_(pa.uint8()))]
@@ -31,7 +32,8 @@ def write_shards(out: Path, rows: list[list[tuple[list[int], int]]], seq_len: in
             flat = [t for doc, _ in docs for t in doc]
             ids[r, :len(flat)] = flat
         columns = [pa.FixedSizeListArray.from_arrays(pa.array(ids.ravel()), seq_len),
-                   pa.array([[len(d) for d, _ in docs] for docs in chunk], pa.list_(pa.uint32())),
+                   pa.array(doc_lens[first:first + rows_per_shard] if doc_lens else
+                            [[len(doc) for doc, _ in docs] for docs in chunk], pa.list_(pa.uint32())),
                    pa.array([[s for _, s in docs] for docs in chunk], pa.list_(pa.uint8()))]
         if masks is not None:
             m = np.asarray(masks[first:first + rows_per_shard], np.uint8)
@@ -42,7 +44,8 @@ def write_shards(out: Path, rows: list[list[tuple[list[int], int]]], seq_len: in
         shards.append({"file": name, "rows": len(chunk), "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()})
     manifest = {"format": "prep-shards", "format_version": 1, "seq_len": seq_len, "pad_id": PAD,
                 "tokenizer": {"name": "HuggingFaceTB/SmolLM3-3B", "vocab_size": 128256, "fingerprint": fingerprint},
-                "loss_mask": masks is not None, "sources": [{"name": "a"}, {"name": "b"}], "shards": shards}
+                "loss_mask": masks is not None, "sources": [{"name": "a"}, {"name": "b"}], "shards": shards,
+                "counts": {"sequences": len(rows)}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -78,10 +81,10 @@ def test_loss_mask_keeps_only_targets_that_get_loss():
     assert sources.tolist() == [-1, 0, 0, -1, 1, -1, -1, -1]
 
 
-def test_corrupt_doc_lens_are_refused():
-    bad = Row(np.zeros(4, np.uint32), np.array([3, 3], np.uint32), np.array([0, 0], np.uint8), None)
-    with pytest.raises(ValueError, match="corrupt row"):
-        row_arrays(bad, 4)
+def test_corrupt_doc_lens_are_refused_when_the_shards_are_opened(tmp_path):
+    out = write_shards(tmp_path / "s", [[([1, 2, 3], 0), ([4], 1)]], 4, doc_lens=[[3, 3]])
+    with pytest.raises(ValueError, match=r"row 0: doc_lens: sum\(doc_lens\) = 6 > seq_len 4"):
+        PackedShards(str(out), verify_hashes=True)
 
 
 def make_rows(n, T=8):
@@ -102,7 +105,7 @@ def test_shards_memory_map_reads_back_what_was_written(tmp_path):
 def test_every_row_once_per_epoch_across_ranks_and_micro_batches(tmp_path):
     shards = PackedShards(str(write_shards(tmp_path / "s", make_rows(11), 8)))
     world, accum, batch = 2, 2, 2  # 8 rows per step: 2 steps per epoch, the last with 5 empty slots
-    loaders = [Loader(shards, batch, accum, rank, world, seed=3, vocab_size=128256) for rank in range(world)]
+    loaders = [Loader(shards, batch, accum, rank, world, seed=3) for rank in range(world)]
     assert loaders[0].steps_per_epoch == 2
     orders = []
     for epoch in range(2):
@@ -115,13 +118,13 @@ def test_every_row_once_per_epoch_across_ranks_and_micro_batches(tmp_path):
         assert sorted(real) == list(range(11)) and seen.count(-1) == 5  # none skipped, none repeated
         orders.append(real)
     assert orders[0] != orders[1]  # a new permutation per epoch
-    again = Loader(shards, batch, accum, 0, world, seed=3, vocab_size=128256)
+    again = Loader(shards, batch, accum, 0, world, seed=3)
     assert again.rows_of_step(1) == loaders[0].rows_of_step(1)  # position = f(step): exact resume
 
 
 def test_empty_slots_carry_no_targets_and_counts_are_per_source(tmp_path):
     shards = PackedShards(str(write_shards(tmp_path / "s", make_rows(3), 8)))
-    loader = Loader(shards, batch_size=2, grad_accum=1, rank=0, world_size=1, seed=0, vocab_size=128256)
+    loader = Loader(shards, batch_size=2, grad_accum=1, rank=0, world_size=1, seed=0)
     batches = loader.next() + loader.next()  # 3 rows in 2 steps of 2: one empty slot
     assert [tuple(b.input_ids.shape) for b in batches] == [(2, 8), (2, 8)]
     assert sum(b.num_targets for b in batches) == 3 * (2 + 1)  # per row: 3-token doc -> 2, 2-token doc -> 1
@@ -133,15 +136,27 @@ def test_empty_slots_carry_no_targets_and_counts_are_per_source(tmp_path):
 
 
 def test_token_ids_beyond_the_model_vocabulary_are_refused(tmp_path):
-    shards = PackedShards(str(write_shards(tmp_path / "s", [[([5, 130000], 0)]], 4)))
-    with pytest.raises(ValueError, match="vocabulary"):
-        Loader(shards, 1, 1, 0, 1, seed=0, vocab_size=128256).next()
+    # the manifest's vocab_size is the model's (train.model.check_vocab); the ids are checked against it at open
+    out = write_shards(tmp_path / "s", [[([5, 130000], 0)]], 4)
+    with pytest.raises(ValueError, match="130,000 at position 1 is beyond the vocabulary"):
+        PackedShards(str(out), verify_hashes=True)
+
+
+def test_each_rank_proves_its_share_of_the_shards_and_no_verify_trusts_them(tmp_path):
+    rows = make_rows(6)
+    rows[4][0] = ([130000] * 3, 0)  # row 1 of shard 1: only the rank that proves shard 1 can see it
+    out = write_shards(tmp_path / "s", rows, 8)
+    PackedShards(str(out), verify_hashes=True, rank=0, world_size=2)  # proves shard 0 only
+    with pytest.raises(ValueError, match="shard-00001.arrow row 1: ids:"):
+        PackedShards(str(out), verify_hashes=True, rank=1, world_size=2)
+    shards = PackedShards(str(out), verify_hashes=False)  # --no-verify-hashes: the rows are trusted
+    assert shards[4].input_ids[0] == 130000
 
 
 def test_loss_mask_column_is_read(tmp_path):
     rows = [[([1, 2, 3, 4], 0)]]
     shards = PackedShards(str(write_shards(tmp_path / "s", rows, 6, masks=[[0, 0, 1, 1, 0, 0]])))
-    batch = Loader(shards, 1, 1, 0, 1, seed=0, vocab_size=128256).next()[0]
+    batch = Loader(shards, 1, 1, 0, 1, seed=0).next()[0]
     assert batch.labels[0].tolist() == [IGNORE, 3, 4, IGNORE, IGNORE, IGNORE]
 
 
@@ -149,8 +164,8 @@ def test_loss_mask_column_is_read(tmp_path):
     ("no_manifest", "no manifest.json"),
     ("rows", "rows but the manifest says"),
     ("escape", "outside the directory"),
-    ("missing", "is missing"),
-    ("flip", "sha256 differs"),
+    ("missing", "missing: listed in the manifest but not in"),
+    ("flip", "sha256: .* the file changed after the build"),
     ("seq_len", "don't match the manifest"),
     ("foreign", "written by another build"),
 ])

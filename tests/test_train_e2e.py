@@ -79,7 +79,7 @@ def test_export_loads_in_transformers_with_the_trained_weights(single_run, shard
     saved = json.loads((single_run / "model" / "config.json").read_text())
     assert saved["use_cache"] and saved["dtype"] == "bfloat16" and model.config.tie_word_embeddings
     # the exported weights are the trained ones: their loss on training rows is the trained loss, not ~11.8
-    batch = Loader(PackedShards(str(shards)), 1, 1, 0, 1, seed=42, vocab_size=128256).next()[0]
+    batch = Loader(PackedShards(str(shards)), 1, 1, 0, 1, seed=42).next()[0]
     with torch.no_grad():
         logp = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0].log_softmax(-1)
     targets = batch.labels[0] != -100

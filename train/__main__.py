@@ -99,7 +99,7 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     loader = Loader(shards, cfg.batch_size, cfg.grad_accum, rank, world_size, cfg.seed,
-                    hf_model.config.vocab_size, pin_memory=device.type == "cuda")
+                    pin_memory=device.type == "cuda")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * loader.steps_per_epoch
     plan = Plan(rank, world_size, device, mode, precision, liger, params, total_steps,
                 cfg.save_interval(total_steps), peak_flops(device, cfg.peak_tflops), shards.source_names, tokenizer)

@@ -2,17 +2,18 @@
 
 Precedence, lowest first: the defaults below (the alignment-handbook SmolLM3 mid-training recipe,
 `recipes/smollm3/sft/mid.yaml`), then `--recipe FILE.yaml`, then flags given on the command line.
-Each field's docstring is its `--help` text, so the help can't drift from the code.
+Each field's docstring is its `--help` text and a `Literal[...]` annotation lists its choices, so the
+help can't drift from the code; prep/settings.py reads both, for `prep build` too.
 """
 
 import argparse
-import ast
-import inspect
 import math
 import sys
-import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal, get_type_hints
+
+from prep.settings import check_choices, field_choices, field_docs, flag
 
 EXAMPLES = """\
 examples:
@@ -80,15 +81,15 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 = off (handbook: max_grad_norm)."""
     seed: int = 42
     """Seed of the model init and of the per-epoch shuffle."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     """bf16, fp32 or auto (bf16 on CUDA; fp32 on CPU, where bf16 matmuls are slower)."""
-    dist: str = "auto"
+    dist: Literal["auto", "ddp", "fsdp"] = "auto"
     """ddp, fsdp, or auto (fsdp when more than one process)."""
     activation_checkpointing: bool = True
     """Recompute each decoder layer in backward (handbook: gradient_checkpointing)."""
     liger: bool = True
     """On CUDA, Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy); ignored on CPU."""
-    attn: str = "auto"
+    attn: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
     """Attention kernel: auto (flex_attention on CUDA, sdpa on CPU), sdpa, flex_attention or eager."""
     save_every: float = 0.05
     """Checkpoint every N steps; below 1, a fraction of the run, as the handbook's save_steps: 0.05; 0 = never."""
@@ -100,10 +101,10 @@ class TrainConfig:
     """Start over in an --output that holds an earlier run: deletes its checkpoints, metrics and model."""
     log_every: int = 1
     """Print and append to metrics.jsonl every N steps (handbook: logging_steps)."""
-    export_dtype: str = "bf16"
+    export_dtype: Literal["bf16", "fp32"] = "bf16"
     """dtype of the exported Hugging Face model: bf16 or fp32."""
     verify_hashes: bool = True
-    """Check every shard's sha256 against the manifest before the first step; each rank hashes 1/N of the files."""
+    """Before the first step, prove the shards as `prep verify` does (sha256 and row checks); each rank proves 1/N of the files. Off: trust them."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 = look the GPU up (CPU: no MFU)."""
     recipe: str = ""
@@ -115,14 +116,10 @@ class TrainConfig:
             raise ValueError("--shards DIR is required: the output directory of `prep build`")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --output and --overwrite deletes it: pass one of them")
-        choices = {"precision": ("auto", "bf16", "fp32"), "dist": ("auto", "ddp", "fsdp"),
-                   "attn": ("auto", "sdpa", "flex_attention", "eager"), "export_dtype": ("bf16", "fp32")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        check_choices(self)
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ValueError(f"{flag(name)} must be at least 1")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("--min-lr-ratio must be in [0, 1] and --warmup-ratio in [0, 1)")
         if self.lr <= 0 or min(self.grad_clip, self.save_every, self.warmup_steps, self.seq_len, self.keep_last) < 0:
@@ -136,32 +133,29 @@ class TrainConfig:
         return math.ceil(self.save_every * total_steps) if self.save_every < 1 else int(self.save_every)
 
 
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field, read from the source (Python keeps none at run time)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body, docs = tree.body[0].body, {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = after.value.value
-    return docs
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The command line of TrainConfig: one flag per field, its help the field's docstring, its choices
+    the field's Literal (shown here, checked once by TrainConfig.check(), recipe values alike)."""
+    cli = argparse.ArgumentParser(
         prog="python -m train", usage="python -m train --shards DIR [options]  (or: torchrun --nproc-per-node N -m train ...)",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Mid-train SmolLM3 on packed shards from `prep build` (one process, or N with torchrun).",
     )
-    docs = field_docs(TrainConfig)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+    docs, kinds, choices = field_docs(TrainConfig), get_type_hints(TrainConfig), field_choices(TrainConfig)
+    for field in fields(TrainConfig):
         # SUPPRESS: a flag that isn't given leaves no attribute, so the recipe's value can stand.
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=docs[f.name])
+        if kinds[field.name] is bool:
+            cli.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                             help=docs[field.name])
+            continue
+        default = f" (default: {field.default})" if field.default != "" else ""
+        if field.name in choices:
+            kind, metavar = str, "{" + ",".join(choices[field.name]) + "}"
         else:
-            default = f" (default: {f.default})" if f.default != "" else ""
-            p.add_argument(flag, type=f.type, default=argparse.SUPPRESS, metavar=f.name.upper(), help=docs[f.name] + default)
-    return p
+            kind, metavar = kinds[field.name], field.name.upper()
+        cli.add_argument(flag(field.name), type=kind, default=argparse.SUPPRESS, metavar=metavar,
+                         help=docs[field.name] + default)
+    return cli
 
 
 # alignment-handbook / transformers.TrainingArguments names -> ours.

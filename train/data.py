@@ -25,8 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prep.shards import build_id_of, read_manifest, sha256_file, unsafe_name
-from prep.shards import schema as shard_schema
+from prep.shards import check_rows, fixed_rows, iter_batches, list_parts, read_manifest, refuse, shard_files
 
 IGNORE = -100
 
@@ -40,87 +39,65 @@ class Row:
 
 
 class PackedShards:
-    """Every row of a `prep build` directory, memory-mapped: nothing is read until a row is used."""
+    """Every row of a `prep build` directory, memory-mapped: nothing is read until a row is used.
+
+    prep.shards' reader opens the manifest and every shard, and refuses (ValueError) a shard name
+    that leaves the directory, a missing or unreadable file, another schema or seq_len, a shard of
+    another build, or a row count that differs from the manifest. With `verify_hashes`, each rank
+    also proves its 1/world_size of the files before training: sha256 against the manifest and the
+    row checks of `prep verify` (ids < vocab_size, doc_lens inside seq_len, ...). That is what lets
+    the hot path trust every row without re-checking it.
+    """
 
     def __init__(self, shard_dir: str, verify_hashes: bool = False, rank: int = 0, world_size: int = 1):
         self.dir = Path(shard_dir)
         self.manifest = read_manifest(self.dir)
         self.seq_len = int(self.manifest["seq_len"])
         self.pad_id = int(self.manifest["pad_id"])
-        self.source_names = [s["name"] for s in self.manifest["sources"]]
-        self.has_loss_mask = bool(self.manifest.get("loss_mask", False))
-        # One entry per record batch (64 rows each): flat numpy views of its columns.
+        self.source_names = [source["name"] for source in self.manifest["sources"]]
+        # One entry per record batch (64 rows each): numpy views of its columns into the memory map.
         self.batches: list[tuple] = []
         starts = [0]
-        build_id = self.manifest.get("build_id", "")
-        for index, entry in enumerate(self.manifest["shards"]):
-            path = self._shard_path(entry["file"])
-            # each rank hashes its 1/world_size of the files: 35B tokens on 8 ranks is ~17 GB, ~20 s each
-            if verify_hashes and index % world_size == rank and sha256_file(path) != entry["sha256"]:
-                raise ValueError(f"{path}: sha256 differs from the manifest: the shard is corrupt; rebuild it with prep build")
-            rows = 0
-            reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-            if build_id_of(reader.schema) != build_id:
-                raise ValueError(f"{path} was written by another build than {self.dir}/manifest.json; "
-                                 "run `prep verify` and rebuild")
-            self._check_schema(path, reader.schema)  # a stream has one schema for all its batches
-            for batch in reader:
-                self.batches.append(self._columns(batch))
-                rows += batch.num_rows
+        for index, shard in enumerate(shard_files(self.dir, self.manifest)):
+            # Each rank proves 1/world_size of the files: 35B tokens on 8 ranks is ~17 GB each.
+            proving, rows_in_shard = verify_hashes and index % world_size == rank, 0
+            for batch in iter_batches(shard, self.manifest, check_hash=proving):
+                if proving:
+                    check_rows(batch, self.manifest, rows_in_shard, refuse(shard.path, self.dir))
+                self.batches.append(columns(batch))
+                rows_in_shard += batch.num_rows
                 starts.append(starts[-1] + batch.num_rows)
-            if rows != entry["rows"]:
-                raise ValueError(f"{path}: {rows} rows but the manifest says {entry['rows']}: the shard is truncated or "
-                                 "from another build; rebuild it with prep build")
         self.batch_starts = np.asarray(starts, dtype=np.int64)
         self.num_rows = int(starts[-1])
         if self.num_rows == 0:
             raise ValueError(f"{self.dir} holds no sequences")
 
-    def _shard_path(self, name: str) -> Path:
-        if unsafe_name(name):  # a manifest must not point outside its directory
-            raise ValueError(f"{self.dir}/manifest.json names shard {name!r} outside the directory")
-        path = self.dir / name
-        if not path.is_file():
-            raise ValueError(f"{path} is missing; the build is incomplete, rerun prep build")
-        return path
-
-    def _check_schema(self, path: Path, schema: pa.Schema) -> None:
-        T = self.seq_len
-        want = {f.name: f.type for f in shard_schema(T, self.has_loss_mask)}  # what prep build writes
-        got = {f.name: f.type for f in schema}
-        if any(got.get(name) != kind for name, kind in want.items()):
-            raise ValueError(f"{path}: columns {got} don't match the manifest (seq_len {T}, loss_mask {self.has_loss_mask})")
-
-    def _columns(self, batch: pa.RecordBatch) -> tuple:
-        T = self.seq_len
-        ids = batch.column("input_ids").flatten().to_numpy(zero_copy_only=True).reshape(-1, T)
-        lens, srcs = batch.column("doc_lens"), batch.column("doc_sources")
-        offsets = lens.offsets.to_numpy(zero_copy_only=True)
-        assert np.array_equal(offsets, srcs.offsets.to_numpy(zero_copy_only=True)), "doc_lens/doc_sources misaligned"
-        mask = None
-        if self.has_loss_mask:
-            mask = batch.column("loss_mask").flatten().to_numpy(zero_copy_only=True).reshape(-1, T)
-        return ids, offsets, lens.values.to_numpy(zero_copy_only=True), srcs.values.to_numpy(zero_copy_only=True), mask
-
     def __len__(self) -> int:
         return self.num_rows
 
-    def __getitem__(self, i: int) -> Row:
-        b = int(np.searchsorted(self.batch_starts, i, side="right")) - 1
-        ids, offsets, lens, srcs, mask = self.batches[b]
-        r = i - int(self.batch_starts[b])
-        lo, hi = offsets[r], offsets[r + 1]
-        return Row(ids[r], lens[lo:hi], srcs[lo:hi], None if mask is None else mask[r])
+    def __getitem__(self, index: int) -> Row:
+        batch = int(np.searchsorted(self.batch_starts, index, side="right")) - 1
+        ids, offsets, lens, sources, mask = self.batches[batch]
+        row = index - int(self.batch_starts[batch])
+        first, end = offsets[row], offsets[row + 1]
+        return Row(ids[row], lens[first:end], sources[first:end], None if mask is None else mask[row])
+
+
+def columns(batch: pa.RecordBatch) -> tuple:
+    """(input_ids [B, T], doc_lens offsets [B + 1], doc_lens, doc_sources, loss_mask [B, T] or None) of a
+    record batch, zero-copy. doc_sources shares doc_lens' offsets (a row check of the shards)."""
+    lens, offsets = list_parts(batch.column("doc_lens"))
+    mask = fixed_rows(batch.column("loss_mask")) if "loss_mask" in batch.schema.names else None
+    return fixed_rows(batch.column("input_ids")), offsets, lens, list_parts(batch.column("doc_sources"))[0], mask
 
 
 def row_arrays(row: Row, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, position_ids, labels, label_sources) of one packed row, vectorised (~0.2 ms at 32k)."""
+    """(input_ids, position_ids, labels, label_sources) of one packed row, vectorised.
+    The row is trusted: its doc_lens sum to at most seq_len, with no 0 entry (see PackedShards)."""
     T = seq_len
     ids = row.input_ids.astype(np.int64)
     lens = row.doc_lens.astype(np.int64)
     used = int(lens.sum())
-    if used > T or (len(lens) and lens.min() == 0):
-        raise ValueError(f"corrupt row: doc_lens {lens.tolist()[:8]}... sum to {used} > seq_len {T} or hold a 0")
     # Padding is one more segment, so its positions restart too and it never extends the last document.
     segments = np.append(lens, T - used) if used < T else lens
     starts = np.cumsum(segments) - segments
@@ -151,18 +128,24 @@ class Batch:
         return int(self.source_targets.sum())
 
     def to(self, device: torch.device) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=True)
+        move = lambda tensor: tensor.to(device, non_blocking=True)
         return Batch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.label_sources),
                      self.source_targets, self.num_tokens, self.doc_len_sq)
 
 
 class Loader:
-    """The micro-batches of each optimizer step for one rank; the data position is `step`."""
+    """The micro-batches of each optimizer step for one rank, from memory-mapped rows.
+
+    The data position is `step` alone (the sharding of the work above), so `state_dict()` holds it and
+    resuming is exact. `next()` returns one step's micro-batches and builds the next step's on a thread
+    while this one trains. Rows are used as the shards hold them, with no per-row check: PackedShards
+    proved them when it opened the shards (--verify-hashes).
+    """
 
     def __init__(self, shards: PackedShards, batch_size: int, grad_accum: int, rank: int, world_size: int,
-                 seed: int, vocab_size: int, pin_memory: bool = False):
+                 seed: int, pin_memory: bool = False):
         self.shards, self.batch_size, self.grad_accum = shards, batch_size, grad_accum
-        self.rank, self.world_size, self.seed, self.vocab_size = rank, world_size, seed, vocab_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.pin_memory = pin_memory
         self.rows_per_step = world_size * grad_accum * batch_size
         self.steps_per_epoch = -(-len(shards) // self.rows_per_step)
@@ -179,37 +162,37 @@ class Loader:
 
     def rows_of_step(self, step: int) -> list[list[int]]:
         """Row indices of this rank's micro-batches at `step`; -1 marks an empty row at an epoch's end."""
-        epoch, s = divmod(step, self.steps_per_epoch)
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         perm = self.permutation(epoch)
         micro = []
-        for m in range(self.grad_accum):
-            first = s * self.rows_per_step + (m * self.world_size + self.rank) * self.batch_size
-            micro.append([int(perm[i]) if i < len(perm) else -1 for i in range(first, first + self.batch_size)])
+        for micro_batch in range(self.grad_accum):
+            first = (step_in_epoch * self.rows_per_step
+                     + (micro_batch * self.world_size + self.rank) * self.batch_size)
+            micro.append([int(perm[slot]) if slot < len(perm) else -1 for slot in range(first, first + self.batch_size)])
         return micro
 
     def build(self, step: int) -> list[Batch]:
+        """The micro-batches of `step` (what `next()` returns), built from scratch."""
         T, out = self.shards.seq_len, []
         for rows in self.rows_of_step(step):
-            cols = [[], [], [], []]
+            columns = [[], [], [], []]  # input_ids, position_ids, labels, label_sources
             num_tokens = doc_len_sq = 0
-            for i in rows:
-                if i < 0:  # empty: padding, positions 0..T-1, no labels
+            for index in rows:
+                if index < 0:  # empty: padding, positions 0..T-1, no labels
                     arrays = (np.full(T, self.shards.pad_id, np.int64), np.arange(T), np.full(T, IGNORE), np.full(T, -1))
                 else:
-                    row = self.shards[i]
+                    row = self.shards[index]
                     arrays = row_arrays(row, T)
-                    if arrays[0].max() >= self.vocab_size:
-                        raise ValueError(f"row {i} holds token id {arrays[0].max()} >= the model's vocabulary {self.vocab_size}")
                     lens = row.doc_lens.astype(np.int64)
                     num_tokens += int(lens.sum())
                     doc_len_sq += int((lens * lens).sum())
-                for col, a in zip(cols, arrays):
-                    col.append(a)
-            tensors = [torch.from_numpy(np.stack(c)) for c in cols]
+                for column, array in zip(columns, arrays):
+                    column.append(array)
+            tensors = [torch.from_numpy(np.stack(column)) for column in columns]
             sources = tensors[3].numpy().ravel()
             source_targets = np.bincount(sources[sources >= 0], minlength=len(self.shards.source_names))
             if self.pin_memory:
-                tensors = [t.pin_memory() for t in tensors]
+                tensors = [tensor.pin_memory() for tensor in tensors]
             out.append(Batch(*tensors, source_targets, num_tokens, doc_len_sq))
         return out
 
