@@ -40,7 +40,8 @@ def make_sample(out_dir) -> dict[str, Path]:
     paths = {}
     for kind, seed in SEEDS.items():
         path = out_dir / f"{kind}.jsonl.gz"
-        synth.write_jsonl(path, synth.rows(kind, num_rows=ROWS, seed=seed, force_long=FORCED_LONG))
+        rows = synth.rows(kind, num_rows=ROWS, seed=seed, force_long=FORCED_LONG)
+        synth.write_jsonl(path, rows, compresslevel=9)  # the smallest files: they live in git
         paths[kind] = path
     return paths
 

@@ -208,7 +208,7 @@ def make_row(rng: random.Random, pool: Pool, kind: str, force_long: bool = False
               (("lookalike", LOOKALIKE_FRACTION), ("system", SYSTEM_FRACTION)) if rng.random() < fraction}
     if "lookalike" in extras:
         reasoning.insert(rng.randrange(len(reasoning) + 1), extras["lookalike"][0])
-    reply = "<think>\n" + "".join(reasoning) + closing + "</think>\n\n" + "".join(answer) + final
+    reply = "".join(["<think>\n", *reasoning, closing, "</think>\n\n", *answer, final])  # one copy of the text
     messages = [{"role": "system", "content": extras["system"][0]}] if "system" in extras else []
     messages += [{"role": "user", "content": "".join(prompt) + ask}, {"role": "assistant", "content": reply}]
     tokens += reasoning_tokens + sum(count for _, count in extras.values())
@@ -230,14 +230,14 @@ def rows(kind: str, num_rows: int | None = None, num_tokens: int | None = None, 
         yield row
 
 
-def write_jsonl(path, rows_iter: Iterable[dict]) -> int:
-    """Write rows as JSON lines to `path` (gzip if it ends in .gz) atomically; return the row count.
-    The gzip header has no file name and mtime 0, so the same rows always give the same bytes."""
+def write_jsonl(path, rows_iter: Iterable[dict], compresslevel: int = 1) -> int:
+    """Write rows as JSON lines to `path` (gzip if .gz) atomically; return the row count. No name or mtime in the
+    gzip header: same rows, same bytes. Level 1 is 4x faster than 6 on this text, for files 16% larger."""
     path, num_rows = Path(path), 0
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as raw:
-        out = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) if path.suffix == ".gz" \
-            else raw  # level 6: 1.5x faster than 9 on this text, for files 0.4% larger
+        gz = path.suffix == ".gz"
+        out = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=compresslevel) if gz else raw
         for row in rows_iter:
             out.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
             num_rows += 1
