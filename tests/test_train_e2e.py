@@ -56,7 +56,8 @@ def test_loss_falls_and_every_metric_is_logged(single_run):
     rows = metrics(single_run)
     assert [r["step"] for r in rows] == list(range(1, 9))
     last3 = sum(r["loss"] for r in rows[-3:]) / 3
-    assert last3 < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
+    # the sample's varied vocabulary falls ~0.45 in 8 steps (its first 60k tokens); a model that does not learn, ~0
+    assert last3 < rows[0]["loss"] - 0.3, [r["loss"] for r in rows]
     for r in rows:
         assert set(r) >= {"loss", "loss_per_source", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"}
         assert set(r["loss_per_source"]) == {"nemotron", "ot3"} and r["tokens"] > 0
