@@ -9,8 +9,6 @@ import pyarrow as pa
 import pytest
 
 from prep.build import BuildConfig, build
-from prep.render import render
-from prep.sources import iter_rows, to_messages
 
 from conftest import smoltalk_row, write_jsonl
 
@@ -31,8 +29,16 @@ def read_shards(out) -> list[dict]:
     return rows
 
 
+def chatml(messages: list[dict]) -> str:
+    """The recipe's ChatML, written out here as the template reads (render.py must agree)."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
 def expected_docs(encoder, path) -> list[np.ndarray]:
-    return [encoder.encode(render(to_messages(row))[0]) for row in iter_rows(path)]
+    """`tokenizers`' ids of each row's ChatML: the reference for what the build must write."""
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    return [np.array(encoder.backend.encode(chatml(row["messages"]), add_special_tokens=False).ids, np.uint32)
+            for row in rows]
 
 
 def run(tmp_path, name="out", **kw) -> tuple[dict, Path]:
@@ -111,19 +117,64 @@ def test_long_policies_and_wrapped(tmp_path, corpus):
     assert all(sum(r["lens"]) == T for r in rows[:-1])  # wrapped: every sequence full but the last
 
 
-def test_loss_on_assistant(tmp_path, encoder):
-    rows = [{"messages": [{"role": "user", "content": "What is 6*7? " * 3},
-                          {"role": "assistant", "content": "<think>\nsix sevens\n</think>\n\n42"},
-                          {"role": "user", "content": "  and again?"}, {"role": "assistant", "content": "\n  42 again"}]}] * 3
+GENERATION_TEMPLATE = (  # the recipe's ChatML, with assistant content + <|im_end|> marked for transformers
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+)
+
+
+def test_loss_on_assistant_equals_transformers_assistant_mask(tmp_path):
+    """The loss mask against transformers' own: apply_chat_template(return_assistant_tokens_mask=True)
+    with a template that wraps assistant content and its <|im_end|> in {% generation %}. They agree on
+    every token but one kind, by design: a token that starts in the header and ends inside the
+    content (the BPE merges the header's "\\n" with the content's leading newlines) gets loss from
+    transformers (it holds a character of the content) and none from us (it doesn't start there)."""
+    import random
+
+    from prep.tokenizer import load_hf_tokenizer
+
+    hf = load_hf_tokenizer()
+    rng = random.Random(5)
+    contents = ["<think>\nsix sevens\n</think>\n\n42", "\n  42 again", " leading space", "中文 答案 😀",
+                "\n\n\nnewlines first", "<|im_end|> inside", "x", "tabs\there\n\n"]
+    rows = []
+    for i in range(40):
+        turns = [{"role": "user", "content": f"Q{i}: " + rng.choice(["What is 6*7?", "  and again?", "中文?"])}]
+        for _ in range(rng.randint(1, 3)):
+            turns += [{"role": "assistant", "content": rng.choice(contents) + f" #{i}"},
+                      {"role": "user", "content": rng.choice(["more", "\nwhy?"])}]
+        rows.append({"messages": turns[:-1]})
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
-    manifest, out = run(tmp_path, mix="qa=1", sources={"qa": path}, loss_on="assistant", seq_len=256)
-    assert manifest["loss_mask"]
-    row = read_shards(out)[0]
-    n = row["lens"][0]
-    text = encoder.decode(row["ids"][:n][row["mask"][:n] == 1])
-    # the header's "\n" and the content's leading "\n" merge into one token that starts in the header: no loss
-    assert text == "<think>\nsix sevens\n</think>\n\n42<|im_end|>  42 again<|im_end|>"
-    assert (row["mask"][sum(row["lens"]):] == 0).all()
+    manifest, out = run(tmp_path, mix="qa=1", sources={"qa": path}, loss_on="assistant", seq_len=256, window=4)
+    assert manifest["loss_mask"] and manifest["counts"]["split"] == 0
+    theirs = {}
+    for row in rows:
+        out_hf = hf.apply_chat_template(row["messages"], chat_template=GENERATION_TEMPLATE, tokenize=True,
+                                        return_dict=True, return_assistant_tokens_mask=True)
+        text = chatml(row["messages"])
+        offsets = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert offsets["input_ids"] == out_hf["input_ids"]
+        content_starts, position = [], 0
+        for m in row["messages"]:
+            head = f"<|im_start|>{m['role']}\n"
+            if m["role"] == "assistant":
+                content_starts.append(position + len(head))
+            position += len(head) + len(m["content"]) + len("<|im_end|>\n")
+        assert position == len(text)
+        theirs[tuple(out_hf["input_ids"])] = (np.array(out_hf["assistant_masks"]), offsets["offset_mapping"], content_starts)
+    straddling = 0
+    for shard_row in read_shards(out):
+        for start, end in zip(np.cumsum([0] + shard_row["lens"][:-1]), np.cumsum(shard_row["lens"])):
+            mask, offsets, content_starts = theirs.pop(tuple(shard_row["ids"][start:end].tolist()))
+            ours = shard_row["mask"][start:end]
+            for position in np.flatnonzero(ours != mask):
+                token_start, token_end = offsets[position]
+                assert ours[position] == 0 and mask[position] == 1, position
+                assert any(token_start < content < token_end for content in content_starts), position
+                straddling += 1
+        assert (shard_row["mask"][sum(shard_row["lens"]):] == 0).all()
+    assert not theirs and straddling > 0  # every document found once; the one difference did occur
 
 
 def test_bad_rows_are_counted_and_change_nothing_else(tmp_path, corpus):
