@@ -19,11 +19,13 @@ import hashlib
 import json
 import os
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-import time
+from queue import Full, Queue
 from typing import Iterator
 
 from prep import state
@@ -31,9 +33,8 @@ from prep.check import check
 from prep.mix import Doc, Mixer, SourceStats, documents, parse_mix
 from prep.pack import BfdPacker, WrappedPacker, long_documents, pack
 from prep.render import render
-from prep.shards import ShardWriter, manifest, write, write_json_atomic
-from prep.shards import MANIFEST
-from prep.sources import Source, check_spec, local_files, num_rows, read, resolve_sources
+from prep.shards import MANIFEST, ShardWriter, manifest, write, write_json_atomic
+from prep.sources import Batch, Source, check_spec, local_files, num_rows, read, resolve_sources
 from prep.tokenizer import DEFAULT_TOKENIZER, encode, load_encoder
 
 
@@ -134,12 +135,14 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
 
     started = time.time()
     pool = ThreadPoolExecutor(workers)
+    readers = []
     try:
+        readers = [ahead(render(check(read(source.spec, index, stats[index].rows_read)), spans=cfg.loss_on == "assistant"))
+                   for index, source in enumerate(sources)]
         streams = [documents(long_documents(encode(
-            render(check(read(source.spec, index, stats[index].rows_read)), spans=cfg.loss_on == "assistant"),
-            encoder, pool, in_flight=workers + 2, budget=cfg.max_tokens * shares[source.name] if cfg.max_tokens else None,
+            reader, encoder, pool, in_flight=workers + 2, budget=cfg.max_tokens * shares[source.name] if cfg.max_tokens else None,
             taken=lambda taken_from=stats[index]: taken_from.tokens), cfg.long, cfg.seq_len), stats[index])
-            for index, source in enumerate(sources)]
+            for index, (source, reader) in enumerate(zip(sources, readers))]
         mixer = Mixer(streams, [shares[source.name] for source in sources], cfg.max_tokens, mixer_tokens)
         writer.on_shard = partial(save_state, out, build_id, inputs, stats, mixer, packer, writer)
         if saved is None:
@@ -148,6 +151,8 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
         shards = write(pack(progress.track(mixer), packer), writer)
         progress.close()
     finally:  # don't wait for a batch still being encoded: nobody will take it
+        for reader in readers:
+            reader.close()
         pool.shutdown(wait=False, cancel_futures=True)
 
     for source, st in zip(sources, stats):
@@ -171,6 +176,41 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     state.clear(out)
     log(summary(result, time.time() - started))
     return result
+
+
+def ahead(batches: Iterator[Batch], depth: int = 4) -> Iterator[Batch]:
+    """`batches` produced on a thread of their own, up to `depth` ahead. Reading, checking and
+    rendering are Arrow kernels, which release the GIL, so each source's reader runs beside this
+    thread (mixing, packing, writing) and the encoder threads: on one core this thread alone would
+    cap a build at ~45M tokens/s (`scripts/bench_prep.py --serial`). Order is kept, so the bytes
+    don't change; closing the generator stops the thread."""
+    queue: Queue = Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        queue.put(batch, timeout=0.1)
+                        break
+                    except Full:
+                        pass
+                if stop.is_set():
+                    return
+            queue.put(None)
+        except BaseException as error:  # raised again on the consuming thread
+            queue.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True, name="prep-reader")
+    thread.start()
+    try:
+        while (item := queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def save_state(out: Path, build_id: str, inputs: list, stats: list[SourceStats], mixer: Mixer,

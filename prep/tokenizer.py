@@ -236,15 +236,17 @@ class Encoder:
             raise ValueError(f"neither fastokens nor tokenizers can encode this {len(text):,}-character text")
         return ids
 
-    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def encode_batch(self, texts: list[str], text_bytes: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ids of every text, concatenated (uint32); offsets (text k is ids[offsets[k]:offsets[k+1]]);
         and per text which encoder gave its ids: ENCODED, FALLBACK (fastokens failed, `tokenizers`
-        encoded it) or FAILED (neither could: no ids; the build counts the row as rejected)."""
+        encoded it) or FAILED (neither could: no ids; the build counts the row as rejected).
+        `text_bytes`, each text's length in UTF-8 when the caller knows it, saves encoding them again."""
         encoded_by = np.full(len(texts), ENCODED, dtype=np.uint8)
         if self.fast is not None:
             try:
                 ids, offsets = self._fast_batch(texts)
-                if self._bytes_add_up(texts, ids, offsets):
+                if self._bytes_add_up(texts, ids, offsets, text_bytes):
                     return ids, offsets, encoded_by
             except BaseException as error:  # some text failed: find which, one by one
                 _raise_unless_encoder_error(error)
@@ -280,7 +282,8 @@ class Encoder:
         ids, offsets = self.fast.encode_batch_flat(texts)
         return np.frombuffer(ids, np.uint32), np.frombuffer(offsets, np.uint64).astype(np.int64)
 
-    def _bytes_add_up(self, texts: list[str], ids: np.ndarray, offsets: np.ndarray) -> bool:
+    def _bytes_add_up(self, texts: list[str], ids: np.ndarray, offsets: np.ndarray,
+                      text_bytes: np.ndarray | None = None) -> bool:
         """Whether each text's tokens spell as many bytes as the text has: a cheap guard that catches
         a lost or repeated piece of text (it can't see two different splits of the same bytes; the
         probe check and the tests cover those). Tokenizers that aren't byte-level pass."""
@@ -288,7 +291,7 @@ class Encoder:
             return True
         spelled = np.add.reduceat(self.token_bytes[ids].astype(np.int64), offsets[:-1]) if len(ids) else 0
         spelled = np.where(offsets[1:] > offsets[:-1], spelled, 0)
-        return np.array_equal(spelled, [len(text.encode()) for text in texts])
+        return np.array_equal(spelled, [len(text.encode()) for text in texts] if text_bytes is None else text_bytes)
 
     def token_starts(self, texts: list[str], ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """The byte where each token starts, counted from the start of the batch's texts joined."""
@@ -390,7 +393,7 @@ def _short_of(budget: float, taken: int, queue: deque, tokens_per_byte: float) -
 def _encode_batch(encoder: Encoder, batch: Batch) -> Batch:
     """On the pool: a rendered batch's ids (and loss masks) filled in."""
     texts = batch.texts.to_pylist()
-    batch.ids, offsets, batch.encoded_by = encoder.encode_batch(texts)
+    batch.ids, offsets, batch.encoded_by = encoder.encode_batch(texts, batch.text_bytes)
     batch.starts, batch.ends = offsets[:-1], offsets[1:]
     if batch.spans is not None:
         batch.masks = loss_mask(encoder.token_starts(texts, batch.ids, offsets), batch.text_bytes, batch.spans)

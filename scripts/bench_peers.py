@@ -339,7 +339,7 @@ def part_train(work: Path, corpus: dict[str, Path], tok: Path, repeats: int, ste
 def versions() -> str:
     from importlib.metadata import version
 
-    names = ["torch", "transformers", "datasets", "tokenizers", "tiktoken", "pyarrow", "numpy", "trl", "datatrove"]
+    names = ["torch", "transformers", "datasets", "tokenizers", "fastokens", "pyarrow", "numpy", "trl", "datatrove"]
     return ", ".join(f"{n} {version(n)}" for n in names)
 
 
