@@ -131,7 +131,7 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
         packer.restore(ready, open_, pending, meta["counts"])
         writer.shards, mixer_tokens = meta["shards"], meta["mixer_tokens"]
         log(f"resuming the unfinished build in {out}: {len(writer.shards)} shards done, "
-            f"rows {[st.rows_read for st in stats]} read")
+            f"rows {[given.rows_read for given in stats]} read")
 
     started = time.time()
     pool = ThreadPoolExecutor(workers)
@@ -155,21 +155,21 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
             reader.close()
         pool.shutdown(wait=False, cancel_futures=True)
 
-    for source, st in zip(sources, stats):
-        bad = sum(st.rejected.values())
-        if st.rows_read and bad / st.rows_read > cfg.max_bad_frac:
-            raise ValueError(f"source {source.name!r} rejected {bad} of {st.rows_read} rows ({bad / st.rows_read:.1%}), "
-                             f"more than --max-bad-frac {cfg.max_bad_frac:g}: {dict(st.rejected)}; "
-                             f"first: {st.examples}. Fix the input or raise --max-bad-frac")
+    for source, given in zip(sources, stats):  # what each source gave the build
+        bad = sum(given.rejected.values())
+        if given.rows_read and bad / given.rows_read > cfg.max_bad_frac:
+            raise ValueError(f"source {source.name!r} rejected {bad} of {given.rows_read} rows ({bad / given.rows_read:.1%}), "
+                             f"more than --max-bad-frac {cfg.max_bad_frac:g}: {dict(given.rejected)}; "
+                             f"first: {given.examples}. Fix the input or raise --max-bad-frac")
     if sum(mixer.tokens) == 0:
         raise ValueError("no document was produced: every source was empty or fully rejected")
     result = manifest(
         build_id=build_id, seq_len=cfg.seq_len, pad_id=encoder.pad_id,
         tokenizer={"name": cfg.tokenizer, "vocab_size": encoder.vocab_size, "fingerprint": encoder.fingerprint,
                    "encoder": encoder.kind},
-        settings=settings, loss_mask=cfg.loss_on == "assistant", stopped_by=mixer.stopped_by([s.name for s in sources]),
-        sources=[{"name": source.name, "spec": source.spec, "share": shares[source.name]} | st.to_dict()
-                 for source, st in zip(sources, stats)],
+        settings=settings, loss_mask=cfg.loss_on == "assistant", stopped_by=mixer.stopped_by([source.name for source in sources]),
+        sources=[{"name": source.name, "spec": source.spec, "share": shares[source.name]} | given.to_dict()
+                 for source, given in zip(sources, stats)],
         packing={"sequences": packer.num_sequences, "pieces": packer.num_pieces, "split": packer.num_split},
         shards=shards)
     write_json_atomic(out / MANIFEST, result)
@@ -218,7 +218,7 @@ def save_state(out: Path, build_id: str, inputs: list, stats: list[SourceStats],
     """After every finished shard: everything a killed build needs to resume at this point."""
     meta = {"build_id": build_id, "inputs": inputs, "shards": writer.shards, "mixer_tokens": mixer.tokens,
             "counts": {"sequences": packer.num_sequences, "pieces": packer.num_pieces, "split": packer.num_split},
-            "stats": [st.to_dict() for st in stats]}
+            "stats": [given.to_dict() for given in stats]}
     state.save(out, meta, *packer.state())
 
 
@@ -227,8 +227,8 @@ def input_files(sources: list[Source]) -> list:
     files = []
     for source in sources:
         for path in local_files(source.spec) or []:
-            st = os.stat(path)
-            files.append([path, st.st_size, st.st_mtime_ns])
+            status = os.stat(path)
+            files.append([path, status.st_size, status.st_mtime_ns])
     return files
 
 
@@ -243,42 +243,43 @@ class Progress:
 
         self.stats, self.shares = stats, [shares[source.name] for source in sources]
         self.num_rows = None if cfg.max_tokens else [num_rows(source.spec) for source in sources]
-        self.bar = tqdm(total=cfg.max_tokens, initial=sum(st.tokens for st in stats), unit="tok", unit_scale=True,
+        self.bar = tqdm(total=cfg.max_tokens, initial=sum(given.tokens for given in stats), unit="tok", unit_scale=True,
                         desc="prep build", disable=not (cfg.progress and sys.stderr.isatty()))
 
     def track(self, docs: Iterator[Doc]) -> Iterator[Doc]:
         for doc in docs:
             self.bar.update(len(doc.ids))
             if self.num_rows and None not in self.num_rows:
-                self.bar.total = self.estimate()
+                self.bar.total = max(self.estimate() or 0, self.bar.n)
             yield doc
 
     def estimate(self) -> int | None:
         """Tokens mixed by the time the first source runs out, from each source's rows and tokens so far."""
-        totals = [st.tokens * rows / st.rows_read / share
-                  for st, rows, share in zip(self.stats, self.num_rows, self.shares) if st.rows_read]
+        totals = [given.tokens * rows / given.rows_read / share
+                  for given, rows, share in zip(self.stats, self.num_rows, self.shares) if given.rows_read]
         return int(min(totals)) if totals else None
 
     def close(self) -> None:
+        self.bar.total = self.bar.n  # done: the document that crossed --max-tokens went past the total
         self.bar.close()
 
 
 def summary(manifest: dict, seconds: float) -> str:
     """What a build wrote, in a few lines for the terminal."""
-    c = manifest["counts"]
-    fill = c["tokens"] / max(1, c["sequences"] * manifest["seq_len"])
-    lines = [f"wrote {c['sequences']} sequences x {manifest['seq_len']} in {len(manifest['shards'])} shards: "
-             f"{c['tokens']:,} tokens from {c['documents']:,} documents, fill {fill:.2%}, "
-             f"{c['tokens'] / max(seconds, 1e-9) / 1e6:.2f} M tokens/s; stopped by {manifest['stopped_by']}"]
-    for s in manifest["sources"]:
-        lines.append(f"  {s['name']}: share {s['achieved_share']:.2%} (asked {s['requested_share']:.2%}), "
-                     f"{s['documents']:,} documents of {s['rows_read']:,} rows")
-        if s["rejected"]:
-            lines.append(f"    rejected {sum(s['rejected'].values())}: {s['rejected']}; first rows: "
-                         + ", ".join(f"#{e['row']} {e['reason']}" for e in s["rejected_examples"]))
-    lines.append(f"  split {c['split']}, truncated {c['truncated']} ({c['truncated_tokens']:,} tokens), "
-                 f"dropped {c['dropped']} ({c['dropped_tokens']:,} tokens)")
-    if c["encoder_fallbacks"]:
-        lines.append(f"  {c['encoder_fallbacks']} documents encoded by tokenizers: fastokens failed on them "
+    counts = manifest["counts"]
+    fill = counts["tokens"] / max(1, counts["sequences"] * manifest["seq_len"])
+    lines = [f"wrote {counts['sequences']} sequences x {manifest['seq_len']} in {len(manifest['shards'])} shards: "
+             f"{counts['tokens']:,} tokens from {counts['documents']:,} documents, fill {fill:.2%}, "
+             f"{counts['tokens'] / max(seconds, 1e-9) / 1e6:.2f} M tokens/s; stopped by {manifest['stopped_by']}"]
+    for source in manifest["sources"]:
+        lines.append(f"  {source['name']}: share {source['achieved_share']:.2%} (asked {source['requested_share']:.2%}), "
+                     f"{source['documents']:,} documents of {source['rows_read']:,} rows")
+        if source["rejected"]:
+            lines.append(f"    rejected {sum(source['rejected'].values())}: {source['rejected']}; first rows: "
+                         + ", ".join(f"#{example['row']} {example['reason']}" for example in source["rejected_examples"]))
+    lines.append(f"  split {counts['split']}, truncated {counts['truncated']} ({counts['truncated_tokens']:,} tokens), "
+                 f"dropped {counts['dropped']} ({counts['dropped_tokens']:,} tokens)")
+    if counts["encoder_fallbacks"]:
+        lines.append(f"  {counts['encoder_fallbacks']} documents encoded by tokenizers: fastokens failed on them "
                      "(same ids, slower)")
     return "\n".join(lines)

@@ -148,7 +148,7 @@ def _message_list(value, key: str) -> list:
         raise Reject(f"bad_{key}_type")
     if not value:
         raise Reject(f"empty_{key}")
-    if not all(isinstance(m, dict) for m in value):
+    if not all(isinstance(message, dict) for message in value):
         raise Reject("message_not_an_object")
     return value
 
@@ -156,15 +156,16 @@ def _message_list(value, key: str) -> list:
 def to_messages(row: dict) -> list[tuple[str, str]]:
     """(role, content) messages of a row in any of the three schemas; raises Reject."""
     if "messages" in row:
-        return [_message(m.get("role"), m.get("content")) for m in _message_list(row["messages"], "messages")]
+        return [_message(message.get("role"), message.get("content"))
+                for message in _message_list(row["messages"], "messages")]
     if "conversations" in row:
         turns = _message_list(row["conversations"], "conversations")
-        return [_message(OT3_ROLES.get(t.get("from"), t.get("from")), t.get("value")) for t in turns]
+        return [_message(OT3_ROLES.get(turn.get("from"), turn.get("from")), turn.get("value")) for turn in turns]
     if "input" in row and "output" in row:
         # Nemotron raw; system_prompt is dropped on purpose (module docstring).
         inputs = row["input"]
         if isinstance(inputs, str):  # some Nemotron splits store the prompt as a plain string
             inputs = [{"role": "user", "content": inputs}]
-        messages = [_message(m.get("role"), m.get("content")) for m in _message_list(inputs, "input")]
+        messages = [_message(message.get("role"), message.get("content")) for message in _message_list(inputs, "input")]
         return messages + [_message("assistant", row["output"])]
     raise Reject("unknown_schema")

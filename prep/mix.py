@@ -53,7 +53,8 @@ class SourceStats:
 
     @classmethod
     def from_dict(cls, saved: dict) -> "SourceStats":
-        return cls(**(saved | {"rejected": Counter(saved["rejected"]), "examples": [tuple(e) for e in saved["examples"]]}))
+        return cls(**(saved | {"rejected": Counter(saved["rejected"]),
+                               "examples": [tuple(example) for example in saved["examples"]]}))
 
     def reject(self, row_number: int, reason: str) -> None:
         self.rejected[reason] += 1
@@ -67,22 +68,22 @@ def documents(batches: Iterator[Batch], stats: SourceStats) -> Iterator[Doc]:
     stay unread, so a resumed build starts with them."""
     for batch in batches:
         rejects = deque(batch.rejects)
-        for k, row in enumerate(batch.rows.tolist()):
+        for doc, row in enumerate(batch.rows.tolist()):
             while rejects and rejects[0][0] < row:
                 stats.reject(batch.first_row + rejects[0][0], rejects.popleft()[1])
             stats.rows_read = batch.first_row + row + 1
-            start, end = int(batch.starts[k]), int(batch.ends[k])
-            if batch.encoded_by[k] == FAILED:
+            start, end = int(batch.starts[doc]), int(batch.ends[doc])
+            if batch.encoded_by[doc] == FAILED:
                 stats.reject(batch.first_row + row, "untokenizable")
                 continue
-            if batch.dropped is not None and batch.dropped[k]:
+            if batch.dropped is not None and batch.dropped[doc]:
                 stats.dropped += 1
                 stats.dropped_tokens += end - start
                 continue
-            if batch.cut is not None and batch.cut[k]:
+            if batch.cut is not None and batch.cut[doc]:
                 stats.truncated += 1
-                stats.truncated_tokens += int(batch.cut[k])
-            stats.encoder_fallbacks += int(batch.encoded_by[k] == FALLBACK)
+                stats.truncated_tokens += int(batch.cut[doc])
+            stats.encoder_fallbacks += int(batch.encoded_by[doc] == FALLBACK)
             stats.documents += 1
             stats.tokens += end - start
             # copies: a view would keep the batch's ids alive while any one document waits to be packed
@@ -127,12 +128,12 @@ class Mixer:
 
     def __iter__(self) -> Iterator[Doc]:
         while not (self.max_tokens and sum(self.tokens) >= self.max_tokens):
-            i = min(range(len(self.streams)), key=lambda k: self.tokens[k] / self.shares[k])
-            doc = next(self.streams[i], None)
+            behind = min(range(len(self.streams)), key=lambda source: self.tokens[source] / self.shares[source])
+            doc = next(self.streams[behind], None)
             if doc is None:
-                self.exhausted = i
+                self.exhausted = behind
                 return
-            self.tokens[i] += len(doc.ids)
+            self.tokens[behind] += len(doc.ids)
             yield doc
 
     def stopped_by(self, names: list[str]) -> str:

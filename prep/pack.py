@@ -96,23 +96,23 @@ class BfdPacker:
 
     def _pack_window(self, final: bool) -> None:
         bins = self.open
-        room = sorted((self.seq_len - sum(len(d.ids) for d in b), i) for i, b in enumerate(bins))
+        room = sorted((self.seq_len - _tokens(sequence), index) for index, sequence in enumerate(bins))
         # longest first; ties keep arrival order (sort is stable), so the result is deterministic
-        for doc in sorted(self.pending, key=lambda d: -len(d.ids)):
-            n = len(doc.ids)
-            k = bisect.bisect_left(room, (n, -1))
-            if k < len(room):
-                free, i = room.pop(k)
-                bins[i].append(doc)
+        for doc in sorted(self.pending, key=lambda pending: -len(pending.ids)):
+            size = len(doc.ids)
+            fit = bisect.bisect_left(room, (size, -1))  # the fullest open sequence it fits in
+            if fit < len(room):
+                free, index = room.pop(fit)
+                bins[index].append(doc)
             else:
-                free, i = self.seq_len, len(bins)
+                free, index = self.seq_len, len(bins)
                 bins.append([doc])
-            if free - n > 0:
-                bisect.insort(room, (free - n, i))
+            if free - size > 0:
+                bisect.insort(room, (free - size, index))
         self.pending, self.pending_tokens = [], 0
-        keep = set() if final else {i for _, i in room[::-1][: int(len(bins) * self.carry_frac)]}
-        self.open = [b for i, b in enumerate(bins) if i in keep]
-        self.ready.extend(b for i, b in enumerate(bins) if i not in keep)
+        keep = set() if final else {index for _, index in room[::-1][: int(len(bins) * self.carry_frac)]}
+        self.open = [sequence for index, sequence in enumerate(bins) if index in keep]
+        self.ready.extend(sequence for index, sequence in enumerate(bins) if index not in keep)
 
     def state(self) -> tuple[list[Sequence], list[Sequence], list[Doc]]:
         """What a resumed build needs: ready, open and pending, as lists."""
@@ -120,7 +120,7 @@ class BfdPacker:
 
     def restore(self, ready: list[Sequence], open_: list[Sequence], pending: list[Doc], counts: dict) -> None:
         self.ready, self.open, self.pending = deque(ready), open_, pending
-        self.pending_tokens = sum(len(d.ids) for d in pending)
+        self.pending_tokens = _tokens(pending)
         self.num_split, self.num_sequences, self.num_pieces = counts["split"], counts["sequences"], counts["pieces"]
 
 
@@ -137,11 +137,11 @@ class WrappedPacker:
 
     def add(self, doc: Doc) -> None:
         """Append one document, cutting it wherever a sequence fills up."""
-        start, n = 0, len(doc.ids)
-        if self.used + n > self.seq_len:
+        start, size = 0, len(doc.ids)
+        if self.used + size > self.seq_len:
             self.num_split += 1
-        while start < n:
-            take = min(n - start, self.seq_len - self.used)
+        while start < size:
+            take = min(size - start, self.seq_len - self.used)
             self.current.append(_slice(doc, start, start + take))
             self.used += take
             start += take
@@ -164,8 +164,12 @@ class WrappedPacker:
         assert not pending and len(open_) <= 1
         self.ready = deque(ready)
         self.current = open_[0] if open_ else []
-        self.used = sum(len(d.ids) for d in self.current)
+        self.used = _tokens(self.current)
         self.num_split, self.num_sequences, self.num_pieces = counts["split"], counts["sequences"], counts["pieces"]
+
+
+def _tokens(docs: list[Doc]) -> int:
+    return sum(len(doc.ids) for doc in docs)
 
 
 def _slice(doc: Doc, start: int, end: int) -> Doc:

@@ -61,7 +61,10 @@ def manifest(*, build_id: str, seq_len: int, pad_id: int, tokenizer: dict, setti
     """The manifest of a finished build. `sources` holds each source's name, spec and share and
     the counts of what it gave the build (prep.mix.SourceStats.to_dict()); `packing` the packer's
     sequences, pieces and split documents. Totals are derived here, so they always add up."""
-    total_tokens = sum(source["tokens"] for source in sources)
+    def total(key: str) -> int:
+        return sum(source[key] for source in sources)
+
+    total_tokens = total("tokens")
     rejected: dict[str, int] = {}
     for source in sources:
         for reason, count in source["rejected"].items():
@@ -77,26 +80,27 @@ def manifest(*, build_id: str, seq_len: int, pad_id: int, tokenizer: dict, setti
         "loss_mask": loss_mask,
         "stopped_by": stopped_by,
         "sources": [
-            {"name": s["name"], "spec": s["spec"], "weight": s["share"], "requested_share": s["share"],
-             "achieved_share": s["tokens"] / total_tokens, "rows_read": s["rows_read"], "documents": s["documents"],
-             "tokens": s["tokens"], "rejected": dict(sorted(s["rejected"].items())),
-             "rejected_examples": [{"row": row, "reason": why} for row, why in s["examples"]],
-             "encoder_fallbacks": s["encoder_fallbacks"]}
-            for s in sources
+            {"name": source["name"], "spec": source["spec"], "weight": source["share"],
+             "requested_share": source["share"], "achieved_share": source["tokens"] / total_tokens,
+             "rows_read": source["rows_read"], "documents": source["documents"], "tokens": source["tokens"],
+             "rejected": dict(sorted(source["rejected"].items())),
+             "rejected_examples": [{"row": row, "reason": why} for row, why in source["examples"]],
+             "encoder_fallbacks": source["encoder_fallbacks"]}
+            for source in sources
         ],
         "counts": {
             "sequences": packing["sequences"],
-            "documents": sum(s["documents"] for s in sources),
+            "documents": total("documents"),
             "pieces": packing["pieces"],
             "tokens": total_tokens,
             "padding": packing["sequences"] * seq_len - total_tokens,
             "split": packing["split"],
-            "truncated": sum(s["truncated"] for s in sources),
-            "truncated_tokens": sum(s["truncated_tokens"] for s in sources),
-            "dropped": sum(s["dropped"] for s in sources),
-            "dropped_tokens": sum(s["dropped_tokens"] for s in sources),
+            "truncated": total("truncated"),
+            "truncated_tokens": total("truncated_tokens"),
+            "dropped": total("dropped"),
+            "dropped_tokens": total("dropped_tokens"),
             "rejected": dict(sorted(rejected.items())),
-            "encoder_fallbacks": sum(s["encoder_fallbacks"] for s in sources),
+            "encoder_fallbacks": total("encoder_fallbacks"),
         },
         "shards": shards,
     }
@@ -106,8 +110,8 @@ def fingerprint(backend) -> str:
     """The tokenizer a build was made with, as the contract names it: sha256 over every (id, token)
     of a `tokenizers.Tokenizer`'s vocabulary and its special tokens. The manifest records it; the
     trainer and `prep show` refuse a tokenizer whose fingerprint differs."""
-    vocab = sorted((i, t) for t, i in backend.get_vocab(with_added_tokens=True).items())
-    specials = sorted(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
+    vocab = sorted((token_id, token) for token, token_id in backend.get_vocab(with_added_tokens=True).items())
+    specials = sorted(added.content for added in backend.get_added_tokens_decoder().values() if added.special)
     blob = json.dumps({"vocab": vocab, "special": specials}, ensure_ascii=False).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 

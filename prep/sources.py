@@ -111,13 +111,13 @@ def local_files(spec: str) -> list[str] | None:
     elif os.path.isfile(spec):
         files = [spec]
     elif os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "README.md")):
-        files = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file())
+        files = sorted(str(path) for path in Path(spec).rglob("*") if path.is_file())
     else:
         return None
-    files = [f for f in files if f.endswith(DATA_SUFFIXES)]
+    files = [path for path in files if path.endswith(DATA_SUFFIXES)]
     if not files:
         raise ValueError(f"--source {spec!r} holds no .jsonl, .jsonl.gz, .json, .parquet or .arrow file")
-    kinds = {_kind(f) for f in files}
+    kinds = {_kind(path) for path in files}
     if len(kinds) > 1:
         raise ValueError(f"--source {spec!r} mixes file kinds ({', '.join(sorted(kinds))}): give one kind per source")
     return files
@@ -200,7 +200,7 @@ def _ipc_batches(path: str) -> Iterator[pa.RecordBatch]:
         reader = pa.ipc.open_stream(source)
     except pa.ArrowInvalid:
         reader = pa.ipc.open_file(source)
-        yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
+        yield from (reader.get_batch(index) for index in range(reader.num_record_batches))
         return
     yield from reader
 

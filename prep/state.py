@@ -29,7 +29,7 @@ def prepare(out: Path, overwrite: bool, build_id: str, inputs: list) -> tuple[di
     """Make `out` ready. Returns (manifest, None) when this very build is already finished there,
     (None, saved state) when a killed run of it can be resumed, and (None, None) for a fresh start.
     Raises ValueError when `out` holds another build, or its inputs changed."""
-    ours = [p for p in out.iterdir() if p.name == MANIFEST or p.name.startswith(("shard-", ".prep-state"))] \
+    ours = [path for path in out.iterdir() if path.name == MANIFEST or path.name.startswith(("shard-", ".prep-state"))] \
         if out.is_dir() else []
     if overwrite:
         for path in ours:

@@ -210,9 +210,10 @@ class Encoder:
         if pad is None:  # not a Llama-3 vocabulary: the tokenizer's own pad, else its end-of-text
             config = self.tokenizer_json.with_name("tokenizer_config.json")
             config = json.loads(config.read_text()) if config.exists() else {}
-            pad = next((self.backend.token_to_id(t) for t in (config.get("pad_token"), config.get("eos_token"))
-                        if isinstance(t, str) and self.backend.token_to_id(t) is not None), 0)
-        probe = PROBE_TEXT + "".join(t.content for t in list(self.backend.get_added_tokens_decoder().values())[:16])
+            pad = next((self.backend.token_to_id(name) for name in (config.get("pad_token"), config.get("eos_token"))
+                        if isinstance(name, str) and self.backend.token_to_id(name) is not None), 0)
+        added = list(self.backend.get_added_tokens_decoder().values())
+        probe = PROBE_TEXT + "".join(token.content for token in added[:16])
         expected = self.backend.encode(probe, add_special_tokens=False).ids
         token_bytes = _byte_level_lengths(self.backend)
         byte_level = token_bytes is not None and int(token_bytes[expected].sum()) == len(probe.encode())
@@ -251,11 +252,11 @@ class Encoder:
             except BaseException as error:  # some text failed: find which, one by one
                 _raise_unless_encoder_error(error)
         pieces = []
-        for k, text in enumerate(texts):
+        for index, text in enumerate(texts):
             ids = self._fast_one(text) if self.fast is not None else None
             if ids is None:
                 ids = self._reference_one(text)
-                encoded_by[k] = FAILED if ids is None else FALLBACK if self.fast is not None else ENCODED
+                encoded_by[index] = FAILED if ids is None else FALLBACK if self.fast is not None else ENCODED
             pieces.append(np.zeros(0, np.uint32) if ids is None else ids)
         offsets = np.r_[0, np.cumsum([len(piece) for piece in pieces])].astype(np.int64)
         return (np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)), offsets, encoded_by
@@ -308,7 +309,7 @@ class Encoder:
         return np.concatenate(starts) if starts else np.zeros(0, np.int64)
 
     def decode(self, ids) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self.backend.decode([int(token_id) for token_id in ids], skip_special_tokens=False)
 
 
 def _raise_unless_encoder_error(error: BaseException) -> None:
@@ -330,7 +331,7 @@ def _byte_level_lengths(backend) -> np.ndarray | None:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     alphabet = set(bytes_to_unicode().values())
-    added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+    added = {token_id: token.content for token_id, token in backend.get_added_tokens_decoder().items()}
     lengths = np.zeros(backend.get_vocab_size(with_added_tokens=True), dtype=np.int64)
     for token, token_id in backend.get_vocab(with_added_tokens=True).items():
         if token_id in added:

@@ -222,3 +222,37 @@ def test_settings_are_checked_before_work(tmp_path):
         with pytest.raises(ValueError):
             build(BuildConfig(out=str(tmp_path / "never"), progress=False, **kw))
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("total_from", ["max_tokens", "parquet row counts"])
+def test_progress_shows_tokens_per_second_and_an_eta(tmp_path, corpus, monkeypatch, capsys, total_from):
+    """On a terminal the bar shows tokens/s and, when the total is known, a percentage and an ETA:
+    from --max-tokens, or estimated from the parquet footers' row counts."""
+    import re
+    import sys
+
+    import pyarrow.parquet as pq
+
+    sources = {}
+    for name, path in corpus.items():
+        sources[name] = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.Table.from_pylist([json.loads(line) for line in open(path)]), sources[name])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    extra = {"max_tokens": 60_000} if total_from == "max_tokens" else {}
+    build(BuildConfig(out=str(tmp_path / "out"), mix="a=0.5,b=0.5", sources=sources, seq_len=T, window=16,
+                      progress=True, **extra), log=lambda m: None)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert re.search(r"tok/s", bar) and re.search(r"\d+%", bar) and re.search(r"<\d\d:\d\d", bar), bar
+
+
+def test_progress_estimate_from_row_counts(tmp_path):
+    """Without --max-tokens the build ends when the first source runs out: the estimate is the
+    total mixed by then, from each source's tokens per row so far."""
+    from prep.build import Progress
+    from prep.mix import SourceStats
+    from prep.sources import Source
+
+    progress = Progress(BuildConfig(progress=False), [Source("a", "x"), Source("b", "y")], {"a": 0.5, "b": 0.5},
+                        [SourceStats(rows_read=10, tokens=1000), SourceStats(rows_read=50, tokens=1000)])
+    progress.num_rows = [100, 1000]  # a: 10,000 tokens when it runs out; b: 20,000
+    assert progress.estimate() == 20_000  # a runs out first, when the mix holds 10,000 / 0.5
