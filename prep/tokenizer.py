@@ -290,8 +290,8 @@ class Encoder:
         probe check and the tests cover those). Tokenizers that aren't byte-level pass."""
         if not self.byte_level:
             return True
-        spelled = np.add.reduceat(self.token_bytes[ids].astype(np.int64), offsets[:-1]) if len(ids) else 0
-        spelled = np.where(offsets[1:] > offsets[:-1], spelled, 0)
+        spelled = np.r_[0, np.cumsum(np.take(self.token_bytes, ids), dtype=np.int64)]
+        spelled = spelled[offsets[1:]] - spelled[offsets[:-1]]
         return np.array_equal(spelled, [len(text.encode()) for text in texts] if text_bytes is None else text_bytes)
 
     def token_starts(self, texts: list[str], ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
