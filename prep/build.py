@@ -136,13 +136,14 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     started = time.time()
     pool = ThreadPoolExecutor(workers)
     readers = []
-    try:
-        readers = [ahead(render(check(read(source.spec, index, stats[index].rows_read)), spans=cfg.loss_on == "assistant"))
-                   for index, source in enumerate(sources)]
-        streams = [documents(long_documents(encode(
-            reader, encoder, pool, in_flight=workers + 2, budget=cfg.max_tokens * shares[source.name] if cfg.max_tokens else None,
-            taken=lambda taken_from=stats[index]: taken_from.tokens), cfg.long, cfg.seq_len), stats[index])
-            for index, (source, reader) in enumerate(zip(sources, readers))]
+    try:  # the stages: one chain per source up to the mixer (module docstring)
+        readers = [ahead(render(check(read(source.spec, index, given.rows_read)), spans=cfg.loss_on == "assistant"))
+                   for index, (source, given) in enumerate(zip(sources, stats))]
+        streams = [documents(long_documents(encode(reader, encoder, pool, in_flight=workers + 2,
+                                                   budget=cfg.max_tokens * shares[source.name] if cfg.max_tokens else None,
+                                                   taken=lambda given=given: given.tokens),
+                                            cfg.long, cfg.seq_len), given)
+                   for source, reader, given in zip(sources, readers, stats)]
         mixer = Mixer(streams, [shares[source.name] for source in sources], cfg.max_tokens, mixer_tokens)
         writer.on_shard = partial(save_state, out, build_id, inputs, stats, mixer, packer, writer)
         if saved is None:
@@ -150,7 +151,7 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
         progress = Progress(cfg, sources, shares, stats)
         shards = write(pack(progress.track(mixer), packer), writer)
         progress.close()
-    finally:  # don't wait for a batch still being encoded: nobody will take it
+    finally:  # stop the readers, and don't wait for a batch still being encoded: nobody will take it
         for reader in readers:
             reader.close()
         pool.shutdown(wait=False, cancel_futures=True)
