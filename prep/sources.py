@@ -8,7 +8,7 @@ A source is a name (used in `--mix`) and a SPEC:
 Local files are read with pyarrow and the standard library; dataset repos (hub or local) with
 `datasets` streaming. Either way memory stays flat whatever the size: parquet is read a batch of
 rows at a time with Arrow's pre-buffering off, since pre-buffering keeps every compressed column
-chunk it has read until the file ends (the RSS of a build grew with the size of its input files).
+chunk it has read until the file ends, so memory would grow with the size of the input files.
 JSON lines are parsed row by row, so one bad line (cut in half, not JSON, invalid UTF-8, a wrong
 type) costs one counted row, not the build.
 
