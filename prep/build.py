@@ -1,39 +1,42 @@
 """`prep build`: sources -> ChatML -> token ids -> mix -> pack -> shards + manifest.
 
-The story, top to bottom: check every setting before any work; load the tokenizer; for each source
-stream rows and check their messages, then render and tokenize them on a thread pool in batches of
-~1M characters (one tiktoken call per batch; tiktoken releases the GIL, so N threads use N cores
-while this thread reads); apply the long-document policy; interleave the sources by token share;
-pack; write shards; write the manifest last.
+The story, top to bottom: check every setting before any work; load the tokenizer; find out what
+`--out` holds (done, resumable, or fresh); then run the stages, each a generator over the one
+before it, in the module named for it:
 
-Results come back in submission order, so the same inputs and seed give the same bytes whatever
-`--workers` is. Peak memory is bounded by the packing window and the in-flight batches.
+    read (sources) -> check -> render -> encode (tokenizer) -> long-document policy (pack)
+        -> documents, mix (mix) -> pack -> write (shards)
+
+One such chain per source up to `documents`; the mixer interleaves them. Reading, checking and
+rendering run on this thread with Arrow kernels; encoding runs on a thread pool, several batches
+ahead, with fastokens releasing the GIL, and its results come back in submission order, so the
+same inputs and settings give the same bytes whatever `--workers` is. The resume state is saved
+after every shard and the manifest is written last. Peak memory is bounded by the batches in
+flight, the packing window and one record batch of the writer.
 """
 
 import hashlib
 import json
 import os
 import sys
+import threading
 import time
-from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from queue import Full, Queue
 from typing import Iterator, Literal
 
-import numpy as np
-
-from prep.mix import Doc, Mixer, parse_mix
-from prep.pack import BfdPacker, WrappedPacker
-from prep.render import render, render_parts
-from prep.settings import check_choices
-from prep.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, write_json_atomic
 from prep import state
-from prep.sources import Reject, Source, check_spec, iter_rows, local_files, resolve_sources, to_messages
-from prep.tokenizer import DEFAULT_TOKENIZER, Encoder, load_encoder
-
-NUM_EXAMPLES = 5  # rejected rows shown per source
-CHUNK_CHARS = 1 << 20  # characters of content per tokenizer call (~250k tokens, ~0.1 s of one core)
+from prep.check import check
+from prep.mix import Doc, Mixer, SourceStats, documents, parse_mix
+from prep.pack import BfdPacker, WrappedPacker, long_documents, pack
+from prep.render import render
+from prep.settings import check_choices
+from prep.shards import MANIFEST, ShardWriter, manifest, write, write_json_atomic
+from prep.sources import Batch, Source, check_spec, local_files, num_rows, read, resolve_sources
+from prep.tokenizer import DEFAULT_TOKENIZER, encode, load_encoder
 
 
 @dataclass
@@ -90,183 +93,9 @@ class BuildConfig:
             raise ValueError("--rows-per-shard and --window must be >= 1, --workers >= 0")
         return shares
 
-
-@dataclass
-class SourceStats:
-    rows_read: int = 0
-    documents: int = 0
-    tokens: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    examples: list = field(default_factory=list)
-    truncated: int = 0
-    truncated_tokens: int = 0
-    dropped: int = 0
-    dropped_tokens: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"rejected": dict(self.rejected)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SourceStats":
-        return cls(**(d | {"rejected": Counter(d["rejected"]), "examples": [tuple(e) for e in d["examples"]]}))
-
-    def reject(self, row_number: int, reason: str) -> None:
-        self.rejected[reason] += 1
-        if len(self.examples) < NUM_EXAMPLES:
-            self.examples.append((row_number, reason))
-
-
-def tokenized_docs(index: int, source: Source, cfg: BuildConfig, encoder: Encoder,
-                   pool: ThreadPoolExecutor, stats: SourceStats, in_flight: int,
-                   budget: float | None = None) -> Iterator[Doc]:
-    """Documents of one source, in row order. Rows are read and checked here, then rendered and
-    tokenized on the pool in batches of about CHUNK_CHARS characters (one tokenizer call each, see
-    Encoder.encode_batch), with up to `in_flight` batches ahead. `budget` is about how many tokens
-    the mixer will take from this source (its share of --max-tokens): batches are not tokenized
-    ahead beyond it, since the ones the mixer never takes cost CPU the others needed (2% of a
-    50M-token build)."""
-    assistant_only = cfg.loss_on == "assistant"
-
-    def messages() -> Iterator[list | Reject]:
-        """Each row's (role, content) messages, or its Reject, in row order."""
-        for row in iter_rows(source.spec, start=stats.rows_read):
-            try:
-                if isinstance(row, Reject):
-                    raise row
-                yield to_messages(row)
-            except Reject as reject:
-                yield reject
-
-    def encode(batch: list) -> list:
-        """On the pool: a batch of rows' messages and Rejects -> Docs and the same Rejects."""
-        rows = [item for item in batch if not isinstance(item, Reject)]
-        if assistant_only:
-            docs = iter([Doc(*_ids_and_mask(encoder, *render(row)), index) for row in rows])
-        else:
-            docs = iter([Doc(ids, None, index) for ids in encoder.encode_batch([render_parts(row) for row in rows])])
-        return [item if isinstance(item, Reject) else next(docs) for item in batch]
-
-    def chars(item) -> int:  # of the content: the ChatML markup around it is a few dozen per message
-        return 0 if isinstance(item, Reject) else sum(len(content) for _, content in item)
-
-    def worth_reading_ahead() -> bool:
-        """Whether the mixer is likely to take another batch beyond those in the queue, guessing
-        the queued batches' tokens from their characters at the rate seen so far."""
-        if budget is None or not queue:
-            return True
-        tokens_per_char = seen_tokens / seen_chars if seen_chars else 0.25
-        return stats.tokens + sum(batch_chars for batch_chars, _ in queue) * tokens_per_char < budget
-
-    # Rows are accounted for when they leave the queue, so the counts stop exactly where the mixer stops.
-    queue: deque = deque()  # (characters, future) of the batches ahead
-    unread = batches(messages(), chars)
-    row_number = stats.rows_read
-    seen_chars = seen_tokens = 0
-    try:
-        while True:
-            while len(queue) < in_flight and worth_reading_ahead() and (ahead := next(unread, None)) is not None:
-                batch, batch_chars = ahead
-                queue.append((batch_chars, pool.submit(encode, batch)))
-            if not queue:
-                return
-            batch_chars, future = queue.popleft()
-            tokens_before = stats.tokens
-            for item in future.result():
-                stats.rows_read += 1
-                if isinstance(item, Reject):
-                    stats.reject(row_number, item.args[0])
-                else:
-                    yield from _keep(item, cfg, stats)
-                row_number += 1
-            seen_chars += batch_chars
-            seen_tokens += stats.tokens - tokens_before
-    finally:  # the mixer stopped early: don't tokenize batches nobody will take
-        for _, future in queue:
-            future.cancel()
-
-
-def batches(items: Iterator, chars_of) -> Iterator[tuple[list, int]]:
-    """Consecutive items grouped until a group holds CHUNK_CHARS characters (one tokenizer call
-    each), with the characters each group holds."""
-    batch, chars = [], 0
-    for item in items:
-        batch.append(item)
-        chars += chars_of(item)
-        if chars >= CHUNK_CHARS:
-            yield batch, chars
-            batch, chars = [], 0
-    if batch:
-        yield batch, chars
-
-
-def _ids_and_mask(encoder: Encoder, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Ids, and a loss mask that is 1 on tokens starting inside an assistant span (--loss-on assistant)."""
-    ids, starts = encoder.encode_with_starts(text)
-    mask = np.zeros(len(ids), dtype=np.uint8)
-    for start, end in spans:
-        mask[(starts >= start) & (starts < end)] = 1
-    return ids, mask
-
-
-def _keep(doc: Doc, cfg: BuildConfig, stats: SourceStats) -> Iterator[Doc]:
-    """Apply --long truncate|drop (split happens in the packer) and count what's kept."""
-    n = len(doc.ids)
-    if n > cfg.seq_len and cfg.long == "drop":
-        stats.dropped += 1
-        stats.dropped_tokens += n
-        return
-    if n > cfg.seq_len and cfg.long == "truncate":
-        stats.truncated += 1
-        stats.truncated_tokens += n - cfg.seq_len
-        doc = Doc(doc.ids[: cfg.seq_len], None if doc.mask is None else doc.mask[: cfg.seq_len], doc.source)
-    stats.documents += 1
-    stats.tokens += len(doc.ids)
-    yield doc
-
-
-def open_out_dir(out: Path, overwrite: bool, build_id: str, inputs: list) -> tuple[dict | None, tuple | None]:
-    """Make `out` ready. Returns (manifest, None) when this very build is already finished there,
-    (None, saved state) when a killed run of it can be resumed, and (None, None) for a fresh start."""
-    ours = [p for p in out.iterdir() if p.name == MANIFEST or p.name.startswith(("shard-", ".prep-state"))] \
-        if out.is_dir() else []
-    if overwrite:
-        for path in ours:
-            path.unlink()
-        ours = []
-    if (out / MANIFEST).exists():
-        manifest = json.loads((out / MANIFEST).read_text())
-        if manifest.get("build_id") != build_id:
-            raise ValueError(f"{out} holds a finished build with other settings; pass --overwrite or choose another --out")
-        state.clear(out)
-        return manifest, None
-    saved = state.load(out)
-    if saved is not None:
-        meta = saved[0]
-        if meta["build_id"] != build_id:
-            raise ValueError(f"{out} holds an unfinished build with other settings; rerun it with its own settings, "
-                             "or pass --overwrite to start over")
-        if meta["inputs"] != inputs:
-            raise ValueError(f"the input files changed since the unfinished build in {out} started; "
-                             "pass --overwrite to start over")
-        done = {s["file"] for s in meta["shards"]}
-        for path in out.glob("shard-*"):  # written after the last saved state: it will be written again
-            if path.name not in done:
-                path.unlink()
-        return None, saved
-    if ours:
-        raise ValueError(f"{out} holds shard files of an unknown build; pass --overwrite or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return None, None
-
-
-def input_files(sources: list[Source]) -> list:
-    """Path, size and mtime of every local input: a resumed build must read the same data."""
-    files = []
-    for source in sources:
-        for path in local_files(source.spec) or []:
-            st = os.stat(path)
-            files.append([path, st.st_size, st.st_mtime_ns])
-    return files
+    def settings(self) -> dict:
+        """The settings that decide the output bytes: all but where it goes and how it runs."""
+        return {key: value for key, value in asdict(self).items() if key not in ("out", "workers", "progress", "overwrite")}
 
 
 def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict:
@@ -277,12 +106,12 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     for source in sources:
         check_spec(source.spec)
     encoder = load_encoder(cfg.tokenizer)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "progress", "overwrite")}
+    settings = cfg.settings()
     identity = json.dumps({"settings": settings, "tokenizer": encoder.fingerprint}, sort_keys=True)
     build_id = "sha256:" + hashlib.sha256(identity.encode()).hexdigest()
     inputs = input_files(sources)
     out = Path(cfg.out)
-    finished, saved = open_out_dir(out, cfg.overwrite, build_id, inputs)
+    finished, saved = state.prepare(out, cfg.overwrite, build_id, inputs)
     if finished is not None:
         log(f"{out} already holds this build (same settings and tokenizer): nothing to do")
         return finished
@@ -293,123 +122,163 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     stats = [SourceStats() for _ in sources]
     packer = BfdPacker(cfg.seq_len, cfg.window) if cfg.packing == "bfd" else WrappedPacker(cfg.seq_len)
     writer = ShardWriter(out, cfg.seq_len, encoder.pad_id, cfg.loss_on == "assistant", cfg.rows_per_shard, build_id)
-    counts = {"sequences": 0, "pieces": 0}
-    mixer_tokens = [0] * len(sources)
+    mixer_tokens = None
     if saved is not None:
         meta, ready, open_, pending = saved
-        stats = [SourceStats.from_dict(d) for d in meta["stats"]]
-        packer.restore(ready, open_, pending, meta["num_split"])
-        writer.shards, counts, mixer_tokens = meta["shards"], meta["counts"], meta["mixer_tokens"]
+        stats = [SourceStats.from_dict(saved_stats) for saved_stats in meta["stats"]]
+        packer.restore(ready, open_, pending, meta["counts"])
+        writer.shards, mixer_tokens = meta["shards"], meta["mixer_tokens"]
         log(f"resuming the unfinished build in {out}: {len(writer.shards)} shards done, "
-            f"rows {[st.rows_read for st in stats]} read")
-
-    def save_state():
-        meta = {"build_id": build_id, "inputs": inputs, "shards": writer.shards, "counts": counts,
-                "mixer_tokens": mixer.tokens, "num_split": packer.num_split, "stats": [st.to_dict() for st in stats]}
-        state.save(out, meta, *packer.state())
+            f"rows {[given.rows_read for given in stats]} read")
 
     started = time.time()
-    progress = _progress(cfg, initial=sum(mixer_tokens))
     pool = ThreadPoolExecutor(workers)
-    try:
-        streams = [tokenized_docs(i, s, cfg, encoder, pool, stats[i], in_flight=workers + 2,
-                                  budget=cfg.max_tokens * shares[s.name] if cfg.max_tokens else None)
-                   for i, s in enumerate(sources)]
-        mixer = Mixer(streams, [shares[s.name] for s in sources], cfg.max_tokens, mixer_tokens)
-        writer.on_shard = save_state
+    readers = []
+    try:  # the stages: one chain per source up to the mixer (module docstring)
+        readers = [ahead(render(check(read(source.spec, index, given.rows_read)), spans=cfg.loss_on == "assistant"))
+                   for index, (source, given) in enumerate(zip(sources, stats))]
+        streams = [documents(long_documents(encode(reader, encoder, pool, in_flight=workers + 2,
+                                                   budget=cfg.max_tokens * shares[source.name] if cfg.max_tokens else None,
+                                                   taken=lambda given=given: given.tokens),
+                                            cfg.long, cfg.seq_len), given)
+                   for source, reader, given in zip(sources, readers, stats)]
+        mixer = Mixer(streams, [shares[source.name] for source in sources], cfg.max_tokens, mixer_tokens)
+        writer.on_shard = partial(save_state, out, build_id, inputs, stats, mixer, packer, writer)
         if saved is None:
-            save_state()  # from here on, a directory with shards always has a state or a manifest
-
-        def write_ready():
-            while packer.ready:
-                seq = packer.ready.popleft()
-                counts["sequences"] += 1
-                counts["pieces"] += len(seq)
-                writer.write(seq)  # may finish a shard, which saves the state
-
-        for doc in mixer:
-            progress.update(len(doc.ids))
-            packer.add(doc)
-            write_ready()
-        for stream in streams:
-            stream.close()  # stop reading sources the mixer no longer needs; their queued batches are cancelled
-        packer.finish()
-        write_ready()
-    finally:  # don't wait for a batch still being tokenized: nobody will take it
+            writer.on_shard()  # from here on, a directory with shards always has a state or a manifest
+        progress = Progress(cfg, sources, shares, stats)
+        shards = write(pack(progress.track(mixer), packer), writer)
+        progress.close()
+    finally:  # stop the readers, and don't wait for a batch still being encoded: nobody will take it
+        for reader in readers:
+            reader.close()
         pool.shutdown(wait=False, cancel_futures=True)
-    progress.close()
-    shard_infos = writer.close()
-    seconds = time.time() - started
-    num_sequences, num_pieces = counts["sequences"], counts["pieces"]
 
-    total_tokens = sum(mixer.tokens)
-    for source, st in zip(sources, stats):
-        bad = sum(st.rejected.values())
-        if st.rows_read and bad / st.rows_read > cfg.max_bad_frac:
-            raise ValueError(f"source {source.name!r} rejected {bad} of {st.rows_read} rows ({bad / st.rows_read:.1%}), "
-                             f"more than --max-bad-frac {cfg.max_bad_frac:g}: {dict(st.rejected)}; "
-                             f"first: {st.examples}. Fix the input or raise --max-bad-frac")
-    if total_tokens == 0:
+    for source, given in zip(sources, stats):  # what each source gave the build
+        bad = sum(given.rejected.values())
+        if given.rows_read and bad / given.rows_read > cfg.max_bad_frac:
+            raise ValueError(f"source {source.name!r} rejected {bad} of {given.rows_read} rows ({bad / given.rows_read:.1%}), "
+                             f"more than --max-bad-frac {cfg.max_bad_frac:g}: {dict(given.rejected)}; "
+                             f"first: {given.examples}. Fix the input or raise --max-bad-frac")
+    if sum(mixer.tokens) == 0:
         raise ValueError("no document was produced: every source was empty or fully rejected")
-    rejected = sum((st.rejected for st in stats), Counter())
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "build_id": build_id,
-        "seq_len": cfg.seq_len,
-        "pad_id": encoder.pad_id,
-        "tokenizer": {"name": cfg.tokenizer, "vocab_size": encoder.vocab_size,
-                      "fingerprint": encoder.fingerprint, "encoder": encoder.kind},
-        "settings": settings,  # without out/workers/progress: the same build is the same bytes wherever it is written
-        "loss_mask": cfg.loss_on == "assistant",
-        "stopped_by": "max_tokens" if mixer.exhausted is None else f"source {sources[mixer.exhausted].name!r} ran out",
-        "sources": [
-            {"name": s.name, "spec": s.spec, "weight": shares[s.name], "requested_share": shares[s.name],
-             "achieved_share": st.tokens / total_tokens, "rows_read": st.rows_read, "documents": st.documents,
-             "tokens": st.tokens, "rejected": dict(sorted(st.rejected.items())),
-             "rejected_examples": [{"row": r, "reason": why} for r, why in st.examples]}
-            for s, st in zip(sources, stats)
-        ],
-        "counts": {
-            "sequences": num_sequences,
-            "documents": sum(st.documents for st in stats),
-            "pieces": num_pieces,
-            "tokens": total_tokens,
-            "padding": num_sequences * cfg.seq_len - total_tokens,
-            "split": packer.num_split,
-            "truncated": sum(st.truncated for st in stats),
-            "truncated_tokens": sum(st.truncated_tokens for st in stats),
-            "dropped": sum(st.dropped for st in stats),
-            "dropped_tokens": sum(st.dropped_tokens for st in stats),
-            "rejected": dict(sorted(rejected.items())),
-        },
-        "shards": shard_infos,
-    }
-    write_json_atomic(out / MANIFEST, manifest)
+    result = manifest(
+        build_id=build_id, seq_len=cfg.seq_len, pad_id=encoder.pad_id,
+        tokenizer={"name": cfg.tokenizer, "vocab_size": encoder.vocab_size, "fingerprint": encoder.fingerprint,
+                   "encoder": encoder.kind},
+        settings=settings, loss_mask=cfg.loss_on == "assistant", stopped_by=mixer.stopped_by([source.name for source in sources]),
+        sources=[{"name": source.name, "spec": source.spec, "share": shares[source.name]} | given.to_dict()
+                 for source, given in zip(sources, stats)],
+        packing={"sequences": packer.num_sequences, "pieces": packer.num_pieces, "split": packer.num_split},
+        shards=shards)
+    write_json_atomic(out / MANIFEST, result)
     state.clear(out)
-    log(summary(manifest, seconds))
-    return manifest
+    log(summary(result, time.time() - started))
+    return result
+
+
+def ahead(batches: Iterator[Batch], depth: int = 4) -> Iterator[Batch]:
+    """`batches` produced on a thread of their own, up to `depth` ahead. Reading, checking and
+    rendering are Arrow kernels, which release the GIL, so each source's reader runs beside this
+    thread (mixing, packing, writing) and the encoder threads: on one core this thread alone would
+    cap a build at ~45M tokens/s (`scripts/bench_prep.py --serial`). Order is kept, so the bytes
+    don't change; closing the generator stops the thread."""
+    queue: Queue = Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        queue.put(batch, timeout=0.1)
+                        break
+                    except Full:
+                        pass
+                if stop.is_set():
+                    return
+            queue.put(None)
+        except BaseException as error:  # raised again on the consuming thread
+            queue.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True, name="prep-reader")
+    thread.start()
+    try:
+        while (item := queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def save_state(out: Path, build_id: str, inputs: list, stats: list[SourceStats], mixer: Mixer,
+               packer: BfdPacker | WrappedPacker, writer: ShardWriter) -> None:
+    """After every finished shard: everything a killed build needs to resume at this point."""
+    meta = {"build_id": build_id, "inputs": inputs, "shards": writer.shards, "mixer_tokens": mixer.tokens,
+            "counts": {"sequences": packer.num_sequences, "pieces": packer.num_pieces, "split": packer.num_split},
+            "stats": [given.to_dict() for given in stats]}
+    state.save(out, meta, *packer.state())
+
+
+def input_files(sources: list[Source]) -> list:
+    """Path, size and mtime of every local input: a resumed build must read the same data."""
+    files = []
+    for source in sources:
+        for path in local_files(source.spec) or []:
+            status = os.stat(path)
+            files.append([path, status.st_size, status.st_mtime_ns])
+    return files
+
+
+class Progress:
+    """A progress bar of the tokens mixed, with tokens/s and, when the total can be known, an ETA.
+    The total is --max-tokens; without it, when every source's row count is in its metadata
+    (parquet footers), the build ends when the first source runs out, so the total is estimated
+    from each source's tokens per row so far."""
+
+    def __init__(self, cfg: BuildConfig, sources: list[Source], shares: dict[str, float], stats: list[SourceStats]):
+        from tqdm import tqdm
+
+        self.stats, self.shares = stats, [shares[source.name] for source in sources]
+        self.num_rows = None if cfg.max_tokens else [num_rows(source.spec) for source in sources]
+        self.bar = tqdm(total=cfg.max_tokens, initial=sum(given.tokens for given in stats), unit="tok", unit_scale=True,
+                        desc="prep build", disable=not (cfg.progress and sys.stderr.isatty()))
+
+    def track(self, docs: Iterator[Doc]) -> Iterator[Doc]:
+        for doc in docs:
+            self.bar.update(len(doc.ids))
+            if self.num_rows and None not in self.num_rows:
+                self.bar.total = max(self.estimate() or 0, self.bar.n)
+            yield doc
+
+    def estimate(self) -> int | None:
+        """Tokens mixed by the time the first source runs out, from each source's rows and tokens so far."""
+        totals = [given.tokens * rows / given.rows_read / share
+                  for given, rows, share in zip(self.stats, self.num_rows, self.shares) if given.rows_read]
+        return int(min(totals)) if totals else None
+
+    def close(self) -> None:
+        self.bar.total = self.bar.n  # done: the document that crossed --max-tokens went past the total
+        self.bar.close()
 
 
 def summary(manifest: dict, seconds: float) -> str:
-    c = manifest["counts"]
-    fill = c["tokens"] / max(1, c["sequences"] * manifest["seq_len"])
-    lines = [f"wrote {c['sequences']} sequences x {manifest['seq_len']} in {len(manifest['shards'])} shards: "
-             f"{c['tokens']:,} tokens from {c['documents']:,} documents, fill {fill:.2%}, "
-             f"{c['tokens'] / max(seconds, 1e-9) / 1e6:.2f} M tokens/s; stopped by {manifest['stopped_by']}"]
-    for s in manifest["sources"]:
-        lines.append(f"  {s['name']}: share {s['achieved_share']:.2%} (asked {s['requested_share']:.2%}), "
-                     f"{s['documents']:,} documents of {s['rows_read']:,} rows")
-        if s["rejected"]:
-            lines.append(f"    rejected {sum(s['rejected'].values())}: {s['rejected']}; first rows: "
-                         + ", ".join(f"#{e['row']} {e['reason']}" for e in s["rejected_examples"]))
-    lines.append(f"  split {c['split']}, truncated {c['truncated']} ({c['truncated_tokens']:,} tokens), "
-                 f"dropped {c['dropped']} ({c['dropped_tokens']:,} tokens)")
+    """What a build wrote, in a few lines for the terminal."""
+    counts = manifest["counts"]
+    fill = counts["tokens"] / max(1, counts["sequences"] * manifest["seq_len"])
+    lines = [f"wrote {counts['sequences']} sequences x {manifest['seq_len']} in {len(manifest['shards'])} shards: "
+             f"{counts['tokens']:,} tokens from {counts['documents']:,} documents, fill {fill:.2%}, "
+             f"{counts['tokens'] / max(seconds, 1e-9) / 1e6:.2f} M tokens/s; stopped by {manifest['stopped_by']}"]
+    for source in manifest["sources"]:
+        lines.append(f"  {source['name']}: share {source['achieved_share']:.2%} (asked {source['requested_share']:.2%}), "
+                     f"{source['documents']:,} documents of {source['rows_read']:,} rows")
+        if source["rejected"]:
+            lines.append(f"    rejected {sum(source['rejected'].values())}: {source['rejected']}; first rows: "
+                         + ", ".join(f"#{example['row']} {example['reason']}" for example in source["rejected_examples"]))
+    lines.append(f"  split {counts['split']}, truncated {counts['truncated']} ({counts['truncated_tokens']:,} tokens), "
+                 f"dropped {counts['dropped']} ({counts['dropped_tokens']:,} tokens)")
+    if counts["encoder_fallbacks"]:
+        lines.append(f"  {counts['encoder_fallbacks']} documents encoded by tokenizers: fastokens failed on them "
+                     "(same ids, slower)")
     return "\n".join(lines)
-
-
-def _progress(cfg: BuildConfig, initial: int):
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.max_tokens, initial=initial, unit="tok", unit_scale=True, desc="prep build",
-                disable=not (cfg.progress and sys.stderr.isatty()))

@@ -46,7 +46,7 @@ def fail(message: str) -> None:
 
 
 @app.callback()
-def main():
+def prep_app():
     """Prepare SmolLM3 reasoning mid-training data into packed Arrow shards."""
 
 

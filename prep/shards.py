@@ -14,14 +14,16 @@ last, so a directory without one is not a build.
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from prep.pack import Sequence
+if TYPE_CHECKING:  # an import cycle otherwise: pack -> mix -> tokenizer -> shards (the fingerprint)
+    from prep.pack import Sequence
 
 FORMAT = "prep-shards"
 FORMAT_VERSION = 1
@@ -37,6 +39,8 @@ BUILD_ID_KEY = "prep.build_id"  # schema metadata: which build wrote the shard
 
 
 def schema(seq_len: int, loss_mask: bool, build_id: str | None = None) -> pa.Schema:
+    """The Arrow schema of every shard: the contract between `prep build`, its readers and the
+    trainer (module docstring). `build_id`, when given, goes into the schema metadata."""
     fields = [
         pa.field("input_ids", pa.list_(pa.uint32(), seq_len)),
         pa.field("doc_lens", pa.list_(pa.uint32())),
@@ -53,12 +57,62 @@ def build_id_of(shard_schema: pa.Schema) -> str:
     return (shard_schema.metadata or {}).get(BUILD_ID_KEY.encode(), b"").decode()
 
 
+def manifest(*, build_id: str, seq_len: int, pad_id: int, tokenizer: dict, settings: dict, loss_mask: bool,
+             stopped_by: str, sources: list[dict], packing: dict, shards: list[dict]) -> dict:
+    """The manifest of a finished build. `sources` holds each source's name, spec and share and
+    the counts of what it gave the build (prep.mix.SourceStats.to_dict()); `packing` the packer's
+    sequences, pieces and split documents. Totals are derived here, so they always add up."""
+    def total(key: str) -> int:
+        return sum(source[key] for source in sources)
+
+    total_tokens = total("tokens")
+    rejected: dict[str, int] = {}
+    for source in sources:
+        for reason, count in source["rejected"].items():
+            rejected[reason] = rejected.get(reason, 0) + count
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "build_id": build_id,
+        "seq_len": seq_len,
+        "pad_id": pad_id,
+        "tokenizer": tokenizer,
+        "settings": settings,  # without out/workers/progress: the same build is the same bytes wherever it is written
+        "loss_mask": loss_mask,
+        "stopped_by": stopped_by,
+        "sources": [
+            {"name": source["name"], "spec": source["spec"], "weight": source["share"],
+             "requested_share": source["share"], "achieved_share": source["tokens"] / total_tokens,
+             "rows_read": source["rows_read"], "documents": source["documents"], "tokens": source["tokens"],
+             "rejected": dict(sorted(source["rejected"].items())),
+             "rejected_examples": [{"row": row, "reason": why} for row, why in source["examples"]],
+             "encoder_fallbacks": source["encoder_fallbacks"]}
+            for source in sources
+        ],
+        "counts": {
+            "sequences": packing["sequences"],
+            "documents": total("documents"),
+            "pieces": packing["pieces"],
+            "tokens": total_tokens,
+            "padding": packing["sequences"] * seq_len - total_tokens,
+            "split": packing["split"],
+            "truncated": total("truncated"),
+            "truncated_tokens": total("truncated_tokens"),
+            "dropped": total("dropped"),
+            "dropped_tokens": total("dropped_tokens"),
+            "rejected": dict(sorted(rejected.items())),
+            "encoder_fallbacks": total("encoder_fallbacks"),
+        },
+        "shards": shards,
+    }
+
+
 def fingerprint(backend) -> str:
     """The tokenizer a build was made with, as the contract names it: sha256 over every (id, token)
     of a `tokenizers.Tokenizer`'s vocabulary and its special tokens. The manifest records it; the
     trainer and `prep show` refuse a tokenizer whose fingerprint differs."""
-    vocab = sorted((i, t) for t, i in backend.get_vocab(with_added_tokens=True).items())
-    specials = sorted(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
+    vocab = sorted((token_id, token) for token, token_id in backend.get_vocab(with_added_tokens=True).items())
+    specials = sorted(added.content for added in backend.get_added_tokens_decoder().values() if added.special)
     blob = json.dumps({"vocab": vocab, "special": specials}, ensure_ascii=False).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
@@ -69,6 +123,7 @@ def unsafe_name(name) -> bool:
 
 
 def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 8 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
@@ -76,18 +131,54 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+@contextmanager
+def atomic_file(path: Path, suffix: str = ".tmp"):
+    """A binary file that appears at `path` whole or not at all: written beside it as path+suffix,
+    fsynced, then renamed over `path`. Every manifest, resume state and cache file goes through it."""
+    tmp = path.with_name(path.name + suffix)
+    with open(tmp, "wb") as f:
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: Path, obj, suffix: str = ".tmp") -> None:
+    """`obj` as indented JSON at `path`, atomically (atomic_file)."""
+    with atomic_file(path, suffix) as f:
+        f.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+class HashingFile:
+    """A file being written and its sha256 as it goes, so a shard is never read back to hash it."""
+
+    def __init__(self, path: Path):
+        self.file, self.digest = open(path, "wb"), hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
+
+
+def write(sequences: Iterator["Sequence"], writer: "ShardWriter") -> list[dict]:
+    """The last stage: every sequence into shards; returns the shards' file, rows and sha256."""
+    for sequence in sequences:
+        writer.write(sequence)
+    return writer.close()
+
+
 class ShardWriter:
-    """Buffers sequences into record batches and rotates shards every `rows_per_shard` rows."""
+    """Buffers sequences into record batches of BATCH_ROWS and rotates shards every `rows_per_shard`
+    rows. Each shard is written as `*.tmp`, hashed while written, fsynced and renamed."""
 
     def __init__(self, out_dir: Path, seq_len: int, pad_id: int, loss_mask: bool, rows_per_shard: int,
                  build_id: str | None = None):
@@ -96,13 +187,15 @@ class ShardWriter:
         self.schema = schema(seq_len, loss_mask, build_id)
         self.shards: list[dict] = []  # finished shards; a resumed build restores them
         self.on_shard = lambda: None  # called after each finished shard (the build saves its state)
-        self.buffer: list[Sequence] = []
+        self.buffer: list["Sequence"] = []
         self.writer = None
         self.rows_in_shard = 0
-        self.ids_buffer = None
+        # One ids buffer for every batch: a fresh 8 MiB array per batch cost page faults (kernel time)
+        # on every write. Reusing it is safe: write_batch copies the batch into the file before returning.
+        self.ids_buffer = np.empty((BATCH_ROWS, seq_len), dtype=np.uint32)
 
-    def write(self, seq: Sequence) -> None:
-        self.buffer.append(seq)
+    def write(self, sequence: "Sequence") -> None:
+        self.buffer.append(sequence)
         if len(self.buffer) == BATCH_ROWS or self.rows_in_shard + len(self.buffer) == self.rows_per_shard:
             self._flush()
 
@@ -116,8 +209,8 @@ class ShardWriter:
             return
         if self.writer is None:
             self.tmp_path = self.out_dir / (shard_name(len(self.shards)) + ".tmp")
-            self.sink = pa.OSFile(str(self.tmp_path), "wb")
-            self.writer = pa.ipc.new_stream(self.sink, self.schema)
+            self.sink = HashingFile(self.tmp_path)
+            self.writer = pa.ipc.new_stream(pa.PythonFile(self.sink, mode="w"), self.schema)
         self.writer.write_batch(self._batch(self.buffer))
         self.rows_in_shard += len(self.buffer)
         self.buffer = []
@@ -130,40 +223,33 @@ class ShardWriter:
         self.writer.close()
         self.sink.close()
         final = self.out_dir / shard_name(len(self.shards))
-        with open(self.tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
         os.replace(self.tmp_path, final)
-        self.shards.append({"file": final.name, "rows": self.rows_in_shard, "sha256": sha256_file(final)})
+        self.shards.append({"file": final.name, "rows": self.rows_in_shard, "sha256": self.sink.digest.hexdigest()})
         self.writer, self.rows_in_shard = None, 0
         self.on_shard()
 
-    def _batch(self, seqs: list[Sequence]) -> pa.RecordBatch:
-        B, T = len(seqs), self.seq_len
-        # One ids buffer for every batch: a fresh 8 MiB array per batch cost page faults (kernel time)
-        # on every write. Reusing it is safe: write_batch copies the batch into the file before returning.
-        if self.ids_buffer is None:
-            self.ids_buffer = np.empty((BATCH_ROWS, T), dtype=np.uint32)
+    def _batch(self, sequences: list["Sequence"]) -> pa.RecordBatch:
+        """One record batch: the pieces copied into padded rows, with their lengths and sources."""
+        B, T = len(sequences), self.seq_len
         ids = self.ids_buffer[:B]
         ids.fill(self.pad_id)
         mask = np.zeros((B, T), dtype=np.uint8) if self.loss_mask else None
-        lens, srcs, offsets = [], [], [0]
-        for b, seq in enumerate(seqs):
-            pos = 0
-            for doc in seq:
-                n = len(doc.ids)
-                ids[b, pos:pos + n] = doc.ids
+        pieces = [piece for sequence in sequences for piece in sequence]
+        lens = np.array([len(piece.ids) for piece in pieces], dtype=np.uint32)
+        offsets = np.r_[0, np.cumsum([len(sequence) for sequence in sequences])].astype(np.int32)
+        for row, sequence in enumerate(sequences):
+            position = 0
+            for piece in sequence:
+                end = position + len(piece.ids)
+                ids[row, position:end] = piece.ids
                 if mask is not None:
-                    mask[b, pos:pos + n] = 1 if doc.mask is None else doc.mask
-                lens.append(n)
-                srcs.append(doc.source)
-                pos += n
-            assert pos <= T, "a packed sequence overflows seq_len"
-            offsets.append(len(lens))
-        offsets = pa.array(offsets, pa.int32())
+                    mask[row, position:end] = 1 if piece.mask is None else piece.mask
+                position = end
+            assert position <= T, "a packed sequence overflows seq_len"
         columns = [
             pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), T),
-            pa.ListArray.from_arrays(offsets, pa.array(lens, pa.uint32())),
-            pa.ListArray.from_arrays(offsets, pa.array(srcs, pa.uint8())),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(lens)),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array([piece.source for piece in pieces], pa.uint8())),
         ]
         if mask is not None:
             columns.append(pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), T))

@@ -1,40 +1,42 @@
-"""Sources: where rows come from, and the three schemas they come in.
+"""Sources: where rows come from, read in batches of consecutive rows.
 
 A source is a name (used in `--mix`) and a SPEC:
   - a hub dataset `id` or `id:config:split` (the presets below, or any other),
   - a local file, directory or glob of .jsonl, .jsonl.gz, .json, .parquet or .arrow files,
   - a local dataset directory laid out like a hub repo, as `DIR:config:split`.
-Everything is read with `datasets` streaming (hub and local alike, one code path), so memory stays
-flat whatever the size. JSON lines are read as text and parsed row by row, so one bad line
-(cut in half, not JSON, invalid UTF-8, a wrong type) costs one counted row, not the build.
 
-Each row is turned into a list of (role, content) messages by the schema it matches:
-  - smoltalk2 `Mid`: `messages: [{role, content}]`
-  - Llama-Nemotron-Post-Training raw: `input: [{role, content}]` + `output: str`. Its `system_prompt`
-    ("detailed thinking on/off") is the dataset's reasoning switch, not content, and is dropped,
-    as smoltalk2 did when it re-published these rows: the `<think>` block in `output` already
-    says the answer is reasoned.
-  - OpenThoughts3 raw: `conversations: [{from: human|gpt|system, value}]`
+Local files are read with pyarrow and the standard library; dataset repos (hub or local) with
+`datasets` streaming. Either way memory stays flat whatever the size: parquet is read a batch of
+rows at a time with Arrow's pre-buffering off, since pre-buffering keeps every compressed column
+chunk it has read until the file ends, so memory would grow with the size of the input files.
+JSON lines are parsed row by row, so one bad line (cut in half, not JSON, invalid UTF-8, a wrong
+type) costs one counted row, not the build.
+
+`read` is the first stage of a build: it yields `Batch`es, which the later stages fill in
+(check.py: messages; render.py: text; tokenizer.py: ids; pack.py: the long-document policy).
 """
 
 import codecs
 import glob
+import gzip
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
 
 HUB_PRESETS = {
     "nemotron": "HuggingFaceTB/smoltalk2:Mid:Llama_Nemotron_Post_Training_Dataset_reasoning_r1",
     "ot3": "HuggingFaceTB/smoltalk2:Mid:OpenThoughts3_1.2M",
 }
 SAMPLE_DIR = Path(__file__).parent / "sample"
-ROLES = ("system", "user", "assistant", "tool")
-OT3_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
-TABLE_ROWS = 128  # rows per Arrow table read from parquet, arrow and dataset repos
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".arrow")
+BATCH_ROWS = 128  # rows per batch read: a few MB of text, so batches stay small while rows are long
+JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+DATA_SUFFIXES = (*JSON_SUFFIXES, ".parquet", ".arrow")
 # Bytes that are not UTF-8 decode to this noncharacter, so the row is counted as invalid_utf8.
 INVALID_UTF8_MARK = "\U0010fffe"
 codecs.register_error("prep-mark-invalid", lambda err: (INVALID_UTF8_MARK, err.end))
@@ -50,6 +52,30 @@ class Reject(Exception):
 class Source:
     name: str
     spec: str
+
+
+@dataclass
+class Batch:
+    """Consecutive rows of one source on their way through the stages; each stage fills in its part."""
+
+    source: int  # index of the source in the build
+    first_row: int  # row number, in the source, of the batch's first row
+    num_rows: int
+    table: pa.RecordBatch | None = None  # read: the rows as Arrow (parquet, arrow, dataset repos)
+    lines: list | None = None  # read: JSON lines' rows, parsed (a dict or a Reject each)
+    rejects: list = field(default_factory=list)  # check: (row in batch, reason), in row order
+    rows: np.ndarray | None = None  # check: the rows in the batch that became documents
+    messages: pa.ListArray | None = None  # check: their list<struct<role, content>>
+    texts: pa.StringArray | None = None  # render: their ChatML text
+    spans: tuple | None = None  # render: assistant spans as (document, start byte, end byte) arrays
+    ids: np.ndarray | None = None  # encode: the ids of every document, concatenated
+    starts: np.ndarray | None = None  # encode: document k is ids[starts[k]:ends[k]]
+    ends: np.ndarray | None = None  # encode, and shortened by --long truncate
+    masks: np.ndarray | None = None  # encode: loss mask aligned with ids (--loss-on assistant)
+    encoded_by: np.ndarray | None = None  # encode: which encoder gave each document's ids (tokenizer.ENCODED...)
+    cut: np.ndarray | None = None  # pack.long_documents: tokens --long truncate cuts off each document
+    dropped: np.ndarray | None = None  # pack.long_documents: documents --long drop leaves out
+    text_bytes: np.ndarray | None = None  # render: UTF-8 bytes of each text
 
 
 def sample_spec(name: str) -> str:
@@ -85,13 +111,20 @@ def local_files(spec: str) -> list[str] | None:
     elif os.path.isfile(spec):
         files = [spec]
     elif os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "README.md")):
-        files = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file())
+        files = sorted(str(path) for path in Path(spec).rglob("*") if path.is_file())
     else:
         return None
-    files = [f for f in files if f.endswith(DATA_SUFFIXES)]
+    files = [path for path in files if path.endswith(DATA_SUFFIXES)]
     if not files:
         raise ValueError(f"--source {spec!r} holds no .jsonl, .jsonl.gz, .json, .parquet or .arrow file")
+    kinds = {_kind(path) for path in files}
+    if len(kinds) > 1:
+        raise ValueError(f"--source {spec!r} mixes file kinds ({', '.join(sorted(kinds))}): give one kind per source")
     return files
+
+
+def _kind(path: str) -> str:
+    return "json" if path.endswith(JSON_SUFFIXES) else path.rsplit(".", 1)[1]
 
 
 def check_spec(spec: str) -> list[str] | None:
@@ -108,54 +141,118 @@ def check_spec(spec: str) -> list[str] | None:
     return files
 
 
-def open_stream(spec: str):
-    """A streaming `datasets.IterableDataset` over SPEC, and whether its rows are raw JSON text lines."""
+def num_rows(spec: str) -> int | None:
+    """How many rows SPEC holds, when its metadata says so without reading it (parquet footers)."""
+    files = local_files(spec)
+    if not files or _kind(files[0]) != "parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(path).num_rows for path in files)
+
+
+def read(spec: str, source: int = 0, start: int = 0) -> Iterator[Batch]:
+    """Batches of consecutive rows of SPEC, from row `start` on (a resumed build skips the rows it
+    has settled, unparsed)."""
+    files = check_spec(spec)
+    if files is None:
+        tables = _dataset_tables(spec, start)
+    elif _kind(files[0]) == "json":
+        yield from _json_batches(files, source, start)
+        return
+    else:
+        tables = _file_tables(files, _kind(files[0]), start)
+    row = start
+    for table in tables:
+        yield Batch(source, row, table.num_rows, table=table)
+        row += table.num_rows
+
+
+def _file_tables(files: list[str], kind: str, start: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of BATCH_ROWS rows from local parquet or Arrow IPC files, skipping `start` rows."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        if kind == "parquet":
+            reader = pq.ParquetFile(path, pre_buffer=False)
+            metadata = reader.metadata
+            groups = list(range(metadata.num_row_groups))
+            while groups and start >= (group_rows := metadata.row_group(groups[0]).num_rows):
+                start -= group_rows  # whole row groups before the resume point are never read
+                groups.pop(0)
+            if not groups:
+                continue
+            batches = reader.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, use_threads=False)
+        else:
+            batches = _ipc_batches(path)
+        for table in batches:
+            if start >= table.num_rows:
+                start -= table.num_rows
+                continue
+            yield from _split(table.slice(start))
+            start = 0
+
+
+def _ipc_batches(path: str) -> Iterator[pa.RecordBatch]:
+    """An Arrow IPC stream (what `datasets` writes) or file, memory-mapped."""
+    source = pa.memory_map(path)
+    try:
+        reader = pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+        reader = pa.ipc.open_file(source)
+        yield from (reader.get_batch(index) for index in range(reader.num_record_batches))
+        return
+    yield from reader
+
+
+def _split(table: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+    for offset in range(0, table.num_rows, BATCH_ROWS):
+        yield table.slice(offset, BATCH_ROWS)
+
+
+def _dataset_tables(spec: str, start: int) -> Iterator[pa.RecordBatch]:
+    """A hub id[:config:split] or a local dataset repo, through `datasets` streaming."""
     import datasets
 
-    files = check_spec(spec)
-    if files is not None:
-        kinds = {"text" if f.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")) else f.rsplit(".", 1)[1] for f in files}
-        if len(kinds) > 1:
-            raise ValueError(f"--source {spec!r} mixes file kinds ({', '.join(sorted(kinds))}): give one kind per source")
-        kind = kinds.pop()
-        extra = {"encoding_errors": "prep-mark-invalid"} if kind == "text" else {}
-        return datasets.load_dataset(kind, data_files=files, split="train", streaming=True, **extra), kind == "text"
     repo, config, split = (spec.split(":") + [None, None])[:3]
-    return datasets.load_dataset(repo, config, split=split or "train", streaming=True), False
+    stream = datasets.load_dataset(repo, config, split=split or "train", streaming=True)
+    for table in (stream.skip(start) if start else stream).with_format("arrow").iter(batch_size=BATCH_ROWS):
+        yield from table.to_batches()
 
 
-def iter_rows(spec: str, start: int = 0) -> Iterator[dict | Reject]:
-    """Every row of SPEC in order from row `start`, as a dict, or a Reject for a line that isn't a
-    JSON object. Rows before `start` are skipped unparsed (a resumed build)."""
-    stream, is_text = open_stream(spec)
-    if not is_text:
-        for table in _tables(stream.skip(start) if start else stream):
-            try:
-                yield from table.to_pylist()
-            except UnicodeDecodeError:  # Arrow doesn't check strings read from parquet: find the bad rows
-                yield from (_pylist_or_reject(table.slice(i, 1)) for i in range(table.num_rows))
-        return
-    row_number = 0
-    for line in (line for table in _tables(stream) for line in table.column("text").to_pylist()):
-        if not line.strip():
-            continue  # blank lines are not rows in JSON lines
-        row_number += 1
-        if row_number <= start:
-            continue
-        if INVALID_UTF8_MARK in line:
-            yield Reject("invalid_utf8")
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            yield Reject("bad_json")
-            continue
-        if not isinstance(obj, dict):
-            yield Reject("not_an_object")
-        elif "\\u" in line and SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(obj):
-            yield Reject("lone_surrogate")
-        else:
-            yield obj
+def _json_batches(files: list[str], source: int, start: int) -> Iterator[Batch]:
+    """JSON lines parsed into dicts (or a Reject each), BATCH_ROWS rows a batch; blank lines are not rows."""
+    row, items = 0, []
+    for path in files:
+        opener = gzip.open if path.endswith(".gz") else open
+        # text mode: universal newlines, as `datasets` reads text; invalid bytes become a mark
+        with opener(path, "rt", encoding="utf-8", errors="prep-mark-invalid") as lines:
+            for line in lines:
+                if not line.strip():
+                    continue
+                row += 1
+                if row <= start:
+                    continue
+                items.append(_parse(line))
+                if len(items) == BATCH_ROWS:
+                    yield Batch(source, row - len(items), len(items), lines=items)
+                    items = []
+    if items:
+        yield Batch(source, row - len(items), len(items), lines=items)
+
+
+def _parse(line: str) -> dict | Reject:
+    if INVALID_UTF8_MARK in line:
+        return Reject("invalid_utf8")
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return Reject("bad_json")
+    if not isinstance(obj, dict):
+        return Reject("not_an_object")
+    if "\\u" in line and SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(obj):
+        return Reject("lone_surrogate")
+    return obj
 
 
 def _has_lone_surrogate(obj: dict) -> bool:
@@ -167,58 +264,3 @@ def _has_lone_surrogate(obj: dict) -> bool:
     except UnicodeEncodeError:
         return True
     return False
-
-
-def _pylist_or_reject(row: "pyarrow.Table") -> dict | Reject:
-    try:
-        return row.to_pylist()[0]
-    except UnicodeDecodeError:
-        return Reject("invalid_utf8")
-
-
-def _tables(stream):
-    """The stream as Arrow tables of TABLE_ROWS rows: one conversion to Python per table costs 1.6-2.8x
-    less CPU than `datasets` formatting row by row, and every CPU-second this thread spends is
-    one the tokenizer threads don't get."""
-    return stream.with_format("arrow").iter(batch_size=TABLE_ROWS)
-
-
-def _message(role, content) -> tuple[str, str]:
-    if not isinstance(role, str):
-        raise Reject("bad_role_type")
-    if role not in ROLES:
-        raise Reject("unknown_role")
-    if content is None:
-        raise Reject("null_content")
-    if not isinstance(content, str):
-        raise Reject("bad_content_type")
-    return role, content
-
-
-def _message_list(value, key: str) -> list:
-    if value is None:
-        raise Reject(f"null_{key}")
-    if not isinstance(value, list):
-        raise Reject(f"bad_{key}_type")
-    if not value:
-        raise Reject(f"empty_{key}")
-    if not all(isinstance(m, dict) for m in value):
-        raise Reject("message_not_an_object")
-    return value
-
-
-def to_messages(row: dict) -> list[tuple[str, str]]:
-    """(role, content) messages of a row in any of the three schemas; raises Reject."""
-    if "messages" in row:
-        return [_message(m.get("role"), m.get("content")) for m in _message_list(row["messages"], "messages")]
-    if "conversations" in row:
-        turns = _message_list(row["conversations"], "conversations")
-        return [_message(OT3_ROLES.get(t.get("from"), t.get("from")), t.get("value")) for t in turns]
-    if "input" in row and "output" in row:
-        # Nemotron raw; system_prompt is dropped on purpose (module docstring).
-        inputs = row["input"]
-        if isinstance(inputs, str):  # some Nemotron splits store the prompt as a plain string
-            inputs = [{"role": "user", "content": inputs}]
-        messages = [_message(m.get("role"), m.get("content")) for m in _message_list(inputs, "input")]
-        return messages + [_message("assistant", row["output"])]
-    raise Reject("unknown_schema")

@@ -1,4 +1,5 @@
-"""Resume state: what a killed `prep build` needs to continue exactly where it stopped.
+"""Resume state and the output directory: what a killed `prep build` needs to continue exactly
+where it stopped, and how a rerun finds out what `--out` holds.
 
 Saved after every finished shard (and once before the first): the rows each source has settled,
 the mixer's token counts, the counters, the shards so far, and the packer's documents in flight
@@ -13,38 +14,69 @@ replaces the old one atomically, so a kill at any moment leaves a consistent pai
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from prep.mix import Doc
 from prep.pack import Sequence
+from prep.shards import MANIFEST, atomic_file, write_json_atomic
 
 STATE = ".prep-state.json"
 
 
+def prepare(out: Path, overwrite: bool, build_id: str, inputs: list) -> tuple[dict | None, tuple | None]:
+    """Make `out` ready. Returns (manifest, None) when this very build is already finished there,
+    (None, saved state) when a killed run of it can be resumed, and (None, None) for a fresh start.
+    Raises ValueError when `out` holds another build, or its inputs changed."""
+    ours = [path for path in out.iterdir() if path.name == MANIFEST or path.name.startswith(("shard-", ".prep-state"))] \
+        if out.is_dir() else []
+    if overwrite:
+        for path in ours:
+            path.unlink()
+        ours = []
+    if (out / MANIFEST).exists():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("build_id") != build_id:
+            raise ValueError(f"{out} holds a finished build with other settings; pass --overwrite or choose another --out")
+        clear(out)
+        return manifest, None
+    saved = load(out)
+    if saved is not None:
+        meta = saved[0]
+        if meta["build_id"] != build_id:
+            raise ValueError(f"{out} holds an unfinished build with other settings; rerun it with its own settings, "
+                             "or pass --overwrite to start over")
+        if meta["inputs"] != inputs:
+            raise ValueError(f"the input files changed since the unfinished build in {out} started; "
+                             "pass --overwrite to start over")
+        done = {shard["file"] for shard in meta["shards"]}
+        for path in out.glob("shard-*"):  # written after the last saved state: it will be written again
+            if path.name not in done:
+                path.unlink()
+        return None, saved
+    if ours:
+        raise ValueError(f"{out} holds shard files of an unknown build; pass --overwrite or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return None, None
+
+
 def save(out: Path, meta: dict, ready: list[Sequence], open_: list[Sequence], pending: list[Doc]) -> None:
+    """The packer's documents (npz), then `meta` naming them (json), each atomically."""
     groups = ready + open_ + [pending]
-    docs = [d for g in groups for d in g]
+    docs = [doc for group in groups for doc in group]
     arrays = {
-        "ids": np.concatenate([d.ids for d in docs]) if docs else np.zeros(0, np.uint32),
-        "lens": np.array([len(d.ids) for d in docs], np.int64),
-        "sources": np.array([d.source for d in docs], np.int64),
-        "group_sizes": np.array([len(g) for g in groups], np.int64),
+        "ids": np.concatenate([doc.ids for doc in docs]) if docs else np.zeros(0, np.uint32),
+        "lens": np.array([len(doc.ids) for doc in docs], np.int64),
+        "sources": np.array([doc.source for doc in docs], np.int64),
+        "group_sizes": np.array([len(group) for group in groups], np.int64),
     }
-    if any(d.mask is not None for d in docs):
-        arrays["masks"] = np.concatenate([d.mask for d in docs])
+    if any(doc.mask is not None for doc in docs):
+        arrays["masks"] = np.concatenate([doc.mask for doc in docs])
     npz = f".prep-state-{len(meta['shards']):05d}.npz"
-    tmp = out / (npz + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(out / npz) as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / npz)
-    tmp = out / (STATE + ".tmp")
-    tmp.write_text(json.dumps(meta | {"arrays": npz, "num_ready": len(ready), "num_open": len(open_)}))
-    os.replace(tmp, out / STATE)
+    write_json_atomic(out / STATE, meta | {"arrays": npz, "num_ready": len(ready), "num_open": len(open_)})
     for old in out.glob(".prep-state-*.npz"):
         if old.name != npz:
             old.unlink()
@@ -55,16 +87,16 @@ def load(out: Path) -> tuple[dict, list[Sequence], list[Sequence], list[Doc]] | 
     if not (out / STATE).exists():
         return None
     meta = json.loads((out / STATE).read_text())
-    with np.load(out / meta["arrays"], allow_pickle=False) as z:
-        ids, lens, sources, sizes = z["ids"], z["lens"], z["sources"], z["group_sizes"]
-        masks = z["masks"] if "masks" in z else None
+    with np.load(out / meta["arrays"], allow_pickle=False) as arrays:
+        ids, lens, sources, sizes = arrays["ids"], arrays["lens"], arrays["sources"], arrays["group_sizes"]
+        masks = arrays["masks"] if "masks" in arrays else None
     offsets = np.concatenate([[0], np.cumsum(lens)])
-    docs = [Doc(ids[a:b], None if masks is None else masks[a:b], int(s))
-            for a, b, s in zip(offsets[:-1], offsets[1:], sources)]
-    groups, k = [], 0
+    docs = [Doc(ids[start:end], None if masks is None else masks[start:end], int(source))
+            for start, end, source in zip(offsets[:-1], offsets[1:], sources)]
+    groups, first = [], 0
     for size in sizes:
-        groups.append(docs[k:k + size])
-        k += size
+        groups.append(docs[first:first + size])
+        first += size
     num_ready, num_open = meta["num_ready"], meta["num_open"]
     return meta, groups[:num_ready], groups[num_ready:num_ready + num_open], groups[-1]
 

@@ -9,11 +9,14 @@ from the Llama-3 `tokenizer.model` that the PyPI package `llama-models` ships (t
 `TikTokenConverter` turns ranks into a `tokenizers` BPE), saved to a cache directory and loaded
 from there.
 
-Encoding: `tiktoken` runs the same BPE 5-8x faster than `tokenizers` on this machine and releases
-the GIL (`encode_to_numpy`), so threads scale. We build a tiktoken twin of the loaded tokenizer
-only when its structure is provably the same algorithm (byte-level BPE, Llama-style split regex,
-merges in rank order, no normalizer, plain added tokens) and it agrees on a probe text;
-otherwise we fall back to `tokenizers`. Tests check equality on a wide text set.
+Encoding: `fastokens` loads the same tokenizer.json as `tokenizers` and gives the same ids, many
+times faster, encoding a whole batch of documents per call with the GIL released. It is used
+once it agrees with `tokenizers` on a probe text (checked once per tokenizer.json and versions,
+then cached); otherwise, or for a document fastokens fails on (an error, such as a PCRE2 limit
+on a pathological text, or ids whose bytes don't add up to the text's), `tokenizers` encodes it
+and the manifest counts it. Tests check equality on a wide text set and a seeded fuzz corpus.
+
+`encode` is the build's tokenizing stage: batches are encoded on a thread pool, in order.
 """
 
 import hashlib
@@ -21,12 +24,17 @@ import json
 import os
 import socket
 import sys
+from collections import deque
+from concurrent.futures import Executor
 from functools import cached_property, lru_cache
+from importlib.metadata import version
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from prep.shards import fingerprint
+from prep.sources import Batch
 
 DEFAULT_TOKENIZER = "HuggingFaceTB/SmolLM3-3B"
 PAD_TOKEN = "<|finetune_right_pad_id|>"
@@ -149,180 +157,260 @@ def offline_smollm3_dir() -> Path:
     return local
 
 
-def _bytes_of_byte_level() -> dict[str, int]:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return {ch: b for b, ch in bytes_to_unicode().items()}
-
-
-def tiktoken_twin(backend) -> tuple[dict | None, str]:
-    """What a tiktoken Encoding equal to `backend` (a tokenizers.Tokenizer) is made of, or None and why not."""
-    import tiktoken
-
-    spec = json.loads(backend.to_str())
-    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-    if spec.get("normalizer") is not None:
-        return None, "has a normalizer"
-    if model.get("type") != "BPE" or not model.get("ignore_merges") or model.get("continuing_subword_prefix") \
-            or model.get("end_of_word_suffix") or model.get("dropout"):
-        return None, "model is not a plain byte-level BPE with ignore_merges"
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    if len(steps) != 2 or steps[0].get("type") != "Split" or steps[0].get("behavior") != "Isolated" \
-            or steps[0].get("invert") or steps[1].get("type") != "ByteLevel" or steps[1].get("use_regex") \
-            or steps[1].get("add_prefix_space") or "Regex" not in steps[0].get("pattern", {}):
-        return None, "pre-tokenizer is not Split(regex) + ByteLevel"
-    added = backend.get_added_tokens_decoder()
-    if any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
-        return None, "an added token strips whitespace"
-    byte_of = _bytes_of_byte_level()
-    vocab = model["vocab"]
-    try:
-        ranks = {bytes(byte_of[c] for c in token): rank for token, rank in vocab.items()}
-    except KeyError:
-        return None, "vocabulary is not byte-level"
-    merged_ranks = [vocab.get(a + b) for a, b in (m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"])]
-    if None in merged_ranks or any(x > y for x, y in zip(merged_ranks, merged_ranks[1:])):
-        return None, "merges are not in rank order"
-    spec = {"pattern": steps[0]["pattern"]["Regex"], "special_tokens": {t.content: i for i, t in added.items()}}
-    encoding = tiktoken.Encoding(name="twin", pat_str=spec["pattern"], mergeable_ranks=ranks,
-                                 special_tokens=spec["special_tokens"])
-    probe = PROBE_TEXT + "".join(t.content for t in list(added.values())[:16])
-    if encoding.encode(probe, allowed_special="all") != backend.encode(probe, add_special_tokens=False).ids:
-        return None, "disagrees on the probe text"
-    return spec | {"ranks": ranks}, ""
-
-
 PROBE_TEXT = (
     "Hello world! It's 3.14159 and I'll've 12345678 things.\r\n\tTabs\t\tand    spaces   \n\n\n"
     "Ünïcödé façade naïve — “quotes” ‘x’; Ελληνικά; 中文字符测试; 日本語のテキスト; 한국어; العربية; "
     "emoji 😀👍🏽👨‍👩‍👧 ✓ ∑ ∫ √ ≤ ≥; def f(x):\n    return x**2  # comment\n}}]]))  \n"
     "<think>\nWait, let me re-check: \\frac{a}{b} + x^2 = \\boxed{42}\n</think>"
 )
+# fastokens' PCRE2 limits (pcre2_match_limit, ...), None = PCRE2's own. SmolLM3's Llama-3 pattern
+# doesn't run on PCRE2 in fastokens; a tokenizer whose pattern does and a document that exceeds a
+# limit get an error from fastokens, and that document is encoded by `tokenizers` instead.
+PCRE2_LIMITS: dict[str, int] = {}
+ENCODED, FALLBACK, FAILED = 0, 1, 2  # which encoder gave a text's ids (Encoder.encode_batch)
 
 
 class Encoder:
-    """Text -> uint32 token ids, with the fastest exact backend for the tokenizer in `tokenizer_json`.
+    """Text -> uint32 token ids, exactly as `tokenizers` encodes the tokenizer in `tokenizer_json`.
 
-    Whether tiktoken is exact for a tokenizer is decided once per tokenizer.json (by its sha256) and
-    cached with the ranks, so a build starts in ~0.5 s instead of ~4 s (transformers import,
-    vocabulary conversion and checks).
+    What fastokens may do for this tokenizer (and the vocabulary facts the build needs) is worked
+    out once per tokenizer.json and library versions and cached, so a build doesn't load
+    `tokenizers` (0.5 s) to start; loading fastokens itself takes 1-2 s.
     """
 
     def __init__(self, tokenizer_json: Path, name: str):
         self.name, self.tokenizer_json = name, Path(tokenizer_json)
-        key = hashlib.sha256(self.tokenizer_json.read_bytes()).hexdigest()[:32]
-        meta_path = cache_dir() / "encoders" / f"{key}.json"
-        ranks_path = meta_path.with_suffix(".ranks.npz")
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
-        if meta is None or not (meta["fallback_reason"] or ranks_path.exists()):  # no cache, or an older layout
-            meta = self._inspect()
-            _write_cache(meta_path, meta, getattr(self, "_ranks", None))
+        identity = self.tokenizer_json.read_bytes() + f"{version('fastokens')} {version('tokenizers')}".encode()
+        meta_path = cache_dir() / "encoders" / f"{hashlib.sha256(identity).hexdigest()[:32]}.json"
+        bytes_path = meta_path.with_suffix(".token-bytes.npy")
+        if meta_path.exists():
+            meta, fast, token_bytes = json.loads(meta_path.read_text()), None, None
+        else:
+            meta, fast, token_bytes = self._inspect()
+            _write_cache(meta_path, meta, bytes_path, token_bytes)
         self.vocab_size, self.fingerprint, self.pad_id = meta["vocab_size"], meta["fingerprint"], meta["pad_id"]
-        self.fallback_reason = meta["fallback_reason"]
-        self.fast = self.separator = None
-        if not self.fallback_reason:
-            import tiktoken
-
-            ranks = getattr(self, "_ranks", None) or _load_ranks(ranks_path)
-            self.fast = tiktoken.Encoding(name="twin", pat_str=meta["pattern"], mergeable_ranks=ranks,
-                                          special_tokens=meta["special_tokens"])
-            # encode_batch joins texts with the last special token (a reserved one in Llama-3 vocabularies)
-            specials = meta["special_tokens"]
-            self.separator = max(specials, key=specials.get) if specials else None
-            self.separator_id = specials.get(self.separator)
-        self.kind = "tiktoken" if self.fast is not None else "tokenizers"
+        self.fallback_reason, self.byte_level = meta["fallback_reason"], meta["byte_level"]
+        if self.byte_level and token_bytes is None:
+            token_bytes = np.load(bytes_path, allow_pickle=False)
+        self.token_bytes = token_bytes  # bytes each id spells, for byte-level vocabularies
+        self.fast = None if self.fallback_reason else fast or _load_fastokens(self.tokenizer_json)
+        self.kind = "fastokens" if self.fast is not None else "tokenizers"
 
     @cached_property
     def backend(self):
+        """The reference: a `tokenizers.Tokenizer`, loaded when first needed."""
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(self.tokenizer_json))
 
-    def _inspect(self) -> dict:
-        twin, reason = tiktoken_twin(self.backend)
+    def _inspect(self) -> tuple[dict, object, np.ndarray | None]:
+        """Vocabulary facts, whether fastokens loads this tokenizer and agrees on the probe text,
+        the fastokens tokenizer and each id's length in bytes (None unless byte-level)."""
         pad = self.backend.token_to_id(PAD_TOKEN)
         if pad is None:  # not a Llama-3 vocabulary: the tokenizer's own pad, else its end-of-text
             config = self.tokenizer_json.with_name("tokenizer_config.json")
             config = json.loads(config.read_text()) if config.exists() else {}
-            pad = next((self.backend.token_to_id(t) for t in (config.get("pad_token"), config.get("eos_token"))
-                        if isinstance(t, str) and self.backend.token_to_id(t) is not None), 0)
+            pad = next((self.backend.token_to_id(name) for name in (config.get("pad_token"), config.get("eos_token"))
+                        if isinstance(name, str) and self.backend.token_to_id(name) is not None), 0)
+        added = list(self.backend.get_added_tokens_decoder().values())
+        probe = PROBE_TEXT + "".join(token.content for token in added[:16])
+        expected = self.backend.encode(probe, add_special_tokens=False).ids
+        token_bytes = _byte_level_lengths(self.backend)
+        byte_level = token_bytes is not None and int(token_bytes[expected].sum()) == len(probe.encode())
+        reason, fast = "", None
+        try:
+            fast = _load_fastokens(self.tokenizer_json)
+            ids, _ = fast.encode_batch_flat([probe])
+            if np.frombuffer(ids, np.uint32).tolist() != expected:
+                reason = "fastokens disagrees with tokenizers on the probe text"
+        except Exception as error:  # a tokenizer.json fastokens doesn't support
+            reason = f"fastokens can't load it: {error}"
         meta = {"vocab_size": self.backend.get_vocab_size(with_added_tokens=True),
-                "fingerprint": fingerprint(self.backend), "pad_id": pad, "fallback_reason": reason}
-        if twin is not None:
-            self._ranks = twin.pop("ranks")
-            meta.update(twin)
-        return meta
+                "fingerprint": fingerprint(self.backend), "pad_id": pad, "fallback_reason": reason,
+                "byte_level": byte_level}
+        return meta, fast, token_bytes if byte_level else None
 
     def encode(self, text: str) -> np.ndarray:
         """Ids of text; special-token strings in text become their special ids, as in transformers."""
-        if self.fast is not None:
-            return self.fast.encode_to_numpy(text, allowed_special="all").astype(np.uint32, copy=False)
-        return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
+        ids, _, encoded_by = self.encode_batch([text])
+        if encoded_by[0] == FAILED:
+            raise ValueError(f"neither fastokens nor tokenizers can encode this {len(text):,}-character text")
+        return ids
 
-    def encode_batch(self, docs: list[list[str]]) -> list[np.ndarray]:
-        """`encode` of each document, given as the strings it concatenates (prep.render.render_parts),
-        from one tiktoken call over the documents joined by a separator special token. tiktoken cuts
-        its input at special tokens and runs the regex and BPE on each piece on its own, so the ids of
-        the joined text are the documents' ids with the separator's id between them. One call per
-        batch takes the GIL twice per batch instead of twice per document: beside a busy Python
-        thread, per-document calls ran at half the speed of batched ones here, and even alone they
-        were 6-15% slower. If the separator is not found once per seam (a document that contains it,
-        or a special token straddling a seam) the batch is encoded document by document."""
-        if self.fast is not None and self.separator is not None and len(docs) > 1:
-            pieces = []
-            for parts in docs:
-                pieces += parts
-                pieces.append(self.separator)
-            pieces.pop()
-            joined = "".join(pieces)
-            if joined.count(self.separator) == len(docs) - 1:  # no document contains it
-                ids = self.fast.encode_to_numpy(joined, allowed_special="all")
-                seams = np.flatnonzero(ids == self.separator_id)
-                if len(seams) == len(docs) - 1:  # every separator became its own token
-                    # copies: a view would keep the whole batch's ids alive as long as any one document waits to be packed
-                    first, *rest = np.split(ids, seams)
-                    return [first.copy()] + [piece[1:].copy() for piece in rest]
-        return [self.encode("".join(parts)) for parts in docs]
-
-    def encode_with_starts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Ids and, for each token, the character offset where it starts (for loss masks)."""
+    def encode_batch(self, texts: list[str], text_bytes: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ids of every text, concatenated (uint32); offsets (text k is ids[offsets[k]:offsets[k+1]]);
+        and per text which encoder gave its ids: ENCODED, FALLBACK (fastokens failed, `tokenizers`
+        encoded it) or FAILED (neither could: no ids; the build counts the row as rejected).
+        `text_bytes`, each text's length in UTF-8 when the caller knows it, saves encoding them again."""
+        encoded_by = np.full(len(texts), ENCODED, dtype=np.uint8)
         if self.fast is not None:
-            ids = self.fast.encode(text, allowed_special="all")
-            _, starts = self.fast.decode_with_offsets(ids)
-            return np.asarray(ids, dtype=np.uint32), np.asarray(starts, dtype=np.int64)
-        enc = self.backend.encode(text, add_special_tokens=False)
-        return np.asarray(enc.ids, dtype=np.uint32), np.asarray([s for s, _ in enc.offsets], dtype=np.int64)
+            try:
+                ids, offsets = self._fast_batch(texts)
+                if self._bytes_add_up(texts, ids, offsets, text_bytes):
+                    return ids, offsets, encoded_by
+            except BaseException as error:  # some text failed: find which, one by one
+                _raise_unless_encoder_error(error)
+        pieces = []
+        for index, text in enumerate(texts):
+            ids = self._fast_one(text) if self.fast is not None else None
+            if ids is None:
+                ids = self._reference_one(text)
+                encoded_by[index] = FAILED if ids is None else FALLBACK if self.fast is not None else ENCODED
+            pieces.append(np.zeros(0, np.uint32) if ids is None else ids)
+        offsets = np.r_[0, np.cumsum([len(piece) for piece in pieces])].astype(np.int64)
+        return (np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)), offsets, encoded_by
+
+    def _fast_one(self, text: str) -> np.ndarray | None:
+        """fastokens' ids of one text, or None when it fails on it."""
+        try:
+            ids, offsets = self._fast_batch([text])
+        except BaseException as error:
+            _raise_unless_encoder_error(error)
+            return None
+        return ids if self._bytes_add_up([text], ids, offsets) else None
+
+    def _reference_one(self, text: str) -> np.ndarray | None:
+        """`tokenizers`' ids of one text, or None when it fails on it too (on 50 MB of whitespace its
+        Oniguruma regex gives up: "retry-limit-in-match over")."""
+        try:
+            return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
+        except BaseException as error:
+            _raise_unless_encoder_error(error)
+            return None
+
+    def _fast_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids, offsets = self.fast.encode_batch_flat(texts)
+        return np.frombuffer(ids, np.uint32), np.frombuffer(offsets, np.uint64).astype(np.int64)
+
+    def _bytes_add_up(self, texts: list[str], ids: np.ndarray, offsets: np.ndarray,
+                      text_bytes: np.ndarray | None = None) -> bool:
+        """Whether each text's tokens spell as many bytes as the text has: a cheap guard that catches
+        a lost or repeated piece of text (it can't see two different splits of the same bytes; the
+        probe check and the tests cover those). Tokenizers that aren't byte-level pass."""
+        if not self.byte_level:
+            return True
+        spelled = np.r_[0, np.cumsum(np.take(self.token_bytes, ids), dtype=np.int64)]
+        spelled = spelled[offsets[1:]] - spelled[offsets[:-1]]
+        return np.array_equal(spelled, [len(text.encode()) for text in texts] if text_bytes is None else text_bytes)
+
+    def token_starts(self, texts: list[str], ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """The byte where each token starts, counted from the start of the batch's texts joined."""
+        if self.byte_level:
+            lengths = self.token_bytes[ids].astype(np.int64)
+            return np.cumsum(lengths) - lengths
+        starts, base = [], 0
+        for text in texts:  # not byte-level: tokenizers' character offsets, turned into bytes
+            encoding = self.backend.encode(text, add_special_tokens=False)
+            char_bytes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+            byte_of_char = np.r_[0, np.cumsum(1 + (char_bytes >= 0x80) + (char_bytes >= 0x800) + (char_bytes >= 0x10000))]
+            starts.append(base + byte_of_char[[start for start, _ in encoding.offsets]])
+            base += int(byte_of_char[-1])
+        return np.concatenate(starts) if starts else np.zeros(0, np.int64)
 
     def decode(self, ids) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self.backend.decode([int(token_id) for token_id in ids], skip_special_tokens=False)
 
 
-def _write_cache(meta_path: Path, meta: dict, ranks: dict[bytes, int] | None) -> None:
-    """The ranks, then the metadata, each atomically (the metadata's presence means the cache is whole)."""
+def _raise_unless_encoder_error(error: BaseException) -> None:
+    """Let only an encoder's own failure through: a ValueError (how fastokens reports one, a PCRE2
+    limit say) or a Rust panic, which pyo3 raises as PanicException, a BaseException."""
+    if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
+        raise error
+
+
+def _load_fastokens(tokenizer_json: Path):
+    import fastokens
+
+    return fastokens.Tokenizer.from_file(str(tokenizer_json), **PCRE2_LIMITS)
+
+
+def _byte_level_lengths(backend) -> np.ndarray | None:
+    """Bytes each token id spells, when the vocabulary is byte-level (every character of a base
+    token stands for one byte, an added token for its UTF-8 text); None otherwise."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = set(bytes_to_unicode().values())
+    added = {token_id: token.content for token_id, token in backend.get_added_tokens_decoder().items()}
+    lengths = np.zeros(backend.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for token, token_id in backend.get_vocab(with_added_tokens=True).items():
+        if token_id in added:
+            lengths[token_id] = len(added[token_id].encode())
+        elif set(token) <= alphabet:
+            lengths[token_id] = len(token)
+        else:
+            return None
+    return lengths.astype(np.uint8 if lengths.max() < 256 else np.int64)
+
+
+def _write_cache(meta_path: Path, meta: dict, bytes_path: Path, token_bytes: np.ndarray | None) -> None:
+    """The token lengths, then the metadata, each atomically (the metadata's presence means the cache is whole)."""
+    from prep.shards import write_json_atomic
+
     meta_path.parent.mkdir(parents=True, exist_ok=True)
-    if ranks is not None:
-        tmp = meta_path.with_suffix(f".ranks.tmp{os.getpid()}")
+    if token_bytes is not None:
+        tmp = bytes_path.with_name(bytes_path.name + f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
-            _save_ranks(f, ranks)
-        os.replace(tmp, meta_path.with_suffix(".ranks.npz"))
-    tmp = meta_path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)
+            np.save(f, token_bytes)
+        os.replace(tmp, bytes_path)
+    write_json_atomic(meta_path, meta)
 
 
-def _save_ranks(file, ranks: dict[bytes, int]) -> None:
-    """Tokens as one byte string plus end offsets, in rank order: loading it takes ~0.05 s where
-    tiktoken's own base64 text format took 0.12-0.23 s, on every start of every command."""
-    tokens = sorted(ranks, key=ranks.get)
-    np.savez(file, blob=np.frombuffer(b"".join(tokens), dtype=np.uint8),
-             ends=np.cumsum([len(t) for t in tokens], dtype=np.int64),
-             ranks=np.array([ranks[t] for t in tokens], dtype=np.int64))
+def encode(batches: Iterator[Batch], encoder: Encoder, pool: Executor, in_flight: int,
+           budget: float | None = None, taken=None) -> Iterator[Batch]:
+    """Each batch's texts encoded on the pool, up to `in_flight` batches ahead, yielded in order
+    (so the output doesn't depend on the number of threads). With `--loss-on assistant` batches
+    (their `spans`) also get their loss masks. `budget` is about how many tokens the mixer will
+    take from this source (its share of --max-tokens) and `taken()` how many it has taken: batches
+    are not encoded ahead beyond it, since the ones the mixer never takes cost CPU the others need."""
+    queue: deque = deque()  # (bytes of text, future) of the batches ahead
+    seen_bytes = seen_tokens = 0
+    try:
+        while True:
+            while len(queue) < in_flight and (budget is None or not queue or _short_of(
+                    budget, taken(), queue, seen_tokens / seen_bytes if seen_bytes else 0.25)):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                queue.append((int(batch.text_bytes.sum()), pool.submit(_encode_batch, encoder, batch)))
+            if not queue:
+                return
+            num_bytes, future = queue.popleft()
+            batch = future.result()
+            seen_bytes += num_bytes
+            seen_tokens += len(batch.ids)
+            yield batch
+    finally:  # the mixer stopped early: don't encode batches nobody will take
+        for _, future in queue:
+            future.cancel()
 
 
-def _load_ranks(path: Path) -> dict[bytes, int]:
-    with np.load(path, allow_pickle=False) as arrays:
-        blob, ends, ranks = arrays["blob"].tobytes(), arrays["ends"].tolist(), arrays["ranks"].tolist()
-    return {blob[start:end]: rank for start, end, rank in zip([0, *ends[:-1]], ends, ranks)}
+def _short_of(budget: float, taken: int, queue: deque, tokens_per_byte: float) -> bool:
+    """Whether the mixer is likely to take more than the batches in the queue will give, guessing
+    their tokens from their bytes at the rate seen so far."""
+    return taken + sum(num_bytes for num_bytes, _ in queue) * tokens_per_byte < budget
+
+
+def _encode_batch(encoder: Encoder, batch: Batch) -> Batch:
+    """On the pool: a rendered batch's ids (and loss masks) filled in."""
+    texts = batch.texts.to_pylist()
+    batch.ids, offsets, batch.encoded_by = encoder.encode_batch(texts, batch.text_bytes)
+    batch.starts, batch.ends = offsets[:-1], offsets[1:]
+    if batch.spans is not None:
+        batch.masks = loss_mask(encoder.token_starts(texts, batch.ids, offsets), batch.text_bytes, batch.spans)
+    batch.texts = batch.spans = None
+    return batch
+
+
+def loss_mask(token_starts: np.ndarray, text_bytes: np.ndarray, spans: tuple) -> np.ndarray:
+    """1 on the tokens that start inside a span, 0 elsewhere. Token starts are bytes from the start
+    of the joined texts; a span is (document, start byte, end byte) within its document."""
+    document, start, end = spans
+    text_base = np.r_[0, np.cumsum(text_bytes)[:-1]]
+    span_start, span_end = text_base[document] + start, text_base[document] + end
+    last = np.searchsorted(span_start, token_starts, side="right") - 1  # the last span starting at or before
+    inside = (last >= 0) & (token_starts < span_end[np.maximum(last, 0)])
+    return inside.astype(np.uint8)
 
 
 def tokenizer_file(name_or_path: str = DEFAULT_TOKENIZER) -> Path:
@@ -348,4 +436,13 @@ def tokenizer_file(name_or_path: str = DEFAULT_TOKENIZER) -> Path:
 
 
 def load_encoder(name_or_path: str = DEFAULT_TOKENIZER) -> Encoder:
-    return Encoder(tokenizer_file(name_or_path), name_or_path)
+    """The Encoder for a hub id or local directory. One process reuses it while the tokenizer.json
+    is unchanged: loading fastokens takes 1-2 s, and a test session builds dozens of times."""
+    path = tokenizer_file(name_or_path)
+    stat = path.stat()
+    return _encoder(path, name_or_path, stat.st_size, stat.st_mtime_ns, tuple(sorted(PCRE2_LIMITS.items())))
+
+
+@lru_cache(maxsize=4)
+def _encoder(path: Path, name: str, *identity) -> Encoder:
+    return Encoder(path, name)

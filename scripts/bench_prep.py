@@ -1,53 +1,54 @@
-"""Benchmark `prep build` end to end against the bare encoder on the same rendered texts.
+"""Benchmark `prep build` end to end against bare fastokens on the same rendered texts.
 
-    .venv/bin/python scripts/bench_prep.py                  # 200M tokens, 3 runs (about 13 min on 2 cores)
-    .venv/bin/python scripts/bench_prep.py --tokens 50e6    # the smallest size the goal is set at (about 5 min)
-    .venv/bin/python scripts/bench_prep.py --tokens 10e6 --repeats 1 --calibrate   # quick, and checks the method
+    .venv/bin/python scripts/bench_prep.py                       # 200M tokens, 3 runs (about 10 min on 2 cores)
+    .venv/bin/python scripts/bench_prep.py --corpus real         # real text: the .py/.md files of .venv, ~60M tokens
+    .venv/bin/python scripts/bench_prep.py --tokens 20e6 --repeats 1 --calibrate   # quick, and checks the method
+    .venv/bin/python scripts/bench_prep.py --serial              # the single-thread work per token, projected to 16/64 cores
+    .venv/bin/python scripts/bench_prep.py --profile             # py-spy: CPU-seconds per stage of one build
+    .venv/bin/python scripts/bench_prep.py --profile --prep /work/main/.venv/bin/prep   # ... of another version
     .venv/bin/python scripts/bench_prep.py --tokens 50e6 --repeats 4 --against ../old/.venv/bin/prep   # A/B two versions
 
-It generates a corpus with realistic lengths (scripts/synth.py: Nemotron-like mean ~5k tokens,
-OpenThoughts-like mean ~12k, ~1.5% beyond 32k) as parquet, the format the hub serves smoltalk2 in
-(and, for comparison, as jsonl.gz), then measures in one run:
-  1. `prep build --mix nemotron=0.5,ot3=0.5` on those files, as a subprocess, from the parquet
-     to finished shards (start-up, reading, parsing, rendering, tokenizing, packing, writing,
-     hashing), and a 1-document build: its fixed start-up cost;
-  2. the bare encoder: the same ChatML texts, already rendered and in memory, encoded with the
-     same tiktoken encoding on one thread per core (the tokenizer's own limit on this machine),
-     both one call per text and one call per batch of texts as the build makes them
-     (Encoder.encode_batch); the faster of the two is the reference;
-and prints the ratio (goal >= 0.85), BFD fill at 32k (goal >= 99.8%), tokens kept (goal 100%) and
-peak RSS.
+Corpora (made once under --work, as parquet, the format the hub serves smoltalk2 in):
+  synthetic (default): scripts/synth.py's rows with realistic lengths (Nemotron-like mean ~5k
+      tokens, OpenThoughts-like mean ~12k, ~1.5% beyond 32k), half the tokens each. Its texts are
+      assembled from a pool of a few thousand blocks, so words repeat far more than in real traces,
+      which flatters an encoder that caches words (fastokens does).
+  real: every .py, .md, .rst, .txt and .pyi file of this checkout's .venv (~225 MB: code, docs,
+      licences, in many styles), cut into documents of at most 40,000 characters, one source.
+
+Measured in one run:
+  1. `prep build` on those files, as a subprocess, from the parquet to finished shards
+     (start-up, reading, checking, rendering, encoding, packing, writing, hashing), and a
+     1-document build: its fixed start-up cost;
+  2. the reference: bare fastokens on the same ChatML texts, rendered beforehand and in memory,
+     one thread per core, each call one batch of texts as the build makes them, both
+     `encode_batch_flat` and `encode_batch`; the faster of the two is the reference;
+and prints the ratio (goal >= 0.5 after start-up), tokens/s (goal >= 12M), BFD fill at 32k (goal
+>= 99.8%), tokens kept (goal 100%) and the build's peak RSS, with its RSS at each quarter of the
+run (goal <= 1 GB, flat).
 
 Why the two are interleaved in slices: the speed of this shared 2-core machine moves by up to 2x
-within a minute, so a build and a bare run measured one after the other gave ratios from 0.48 to
-1.36 for the same code. Instead, every --slice seconds the build is stopped (SIGSTOP), the bare
-encoder runs for --slice seconds, and the build goes on (SIGCONT), so both see the same machine.
-The build's time is the time it was running. The bare encoder's time in a slice is each thread's
-span up to the end of its last call, so the idle wait for the slice's last call never counts
-against it.
-`--calibrate` checks the method: it slices a process that runs the bare encoder itself, which
-should come out at 1.00 (it gave 0.93-1.05 here). Runs within one invocation agree within ~0.05,
-but invocations minutes apart gave 0.76 and 0.88 for two versions that race as equals, because
-the machine's slow moments don't slow the build and the bare encoder alike. To tell whether a change
-to prep helps, race the two versions with `--against`: each build runs a slice while the other is
-stopped, which compares like with like.
-
-Why 200M tokens by default: the build's start-up (imports, of which `datasets` alone is ~0.9 s,
-and loading the tokenizer) is a fixed ~1.7 s, which at 50M is 15-20% of the bare encoder's time
-on 2 cores but nothing in a real build of billions of tokens. Both sizes are quoted in the README.
+within a minute. Every --slice seconds the build is stopped (SIGSTOP), the bare encoder runs for
+--slice seconds, and the build goes on (SIGCONT), so both see the same machine. The build's time
+is the time it was running; the bare encoder's time in a slice is each thread's span up to the
+end of its last call. `--calibrate` slices a process that runs the bare encoder itself, which
+should come out at 1.00. To tell whether a change to prep helps, race two versions with
+`--against`: each build runs a slice while the other is stopped.
 """
 
 import argparse
 import itertools
 import json
 import os
+import re
+import resource
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -57,12 +58,13 @@ sys.path.insert(0, str(ROOT))
 
 import synth  # noqa: E402
 
+PREP = [str(ROOT / ".venv/bin/prep")]  # --prep replaces it, to measure another version on the same corpus
+REAL_SUFFIXES = (".py", ".md", ".rst", ".txt", ".pyi")
+REAL_DOC_CHARS = 40_000
+
 
 def make_corpus(work: Path, num_tokens: int, suffix: str) -> dict[str, Path]:
-    """Half the tokens Nemotron-like, half OpenThoughts-like (estimated; made only when missing)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """Half the tokens Nemotron-like, half OpenThoughts-like (made only when missing)."""
     paths = {}
     for kind in ("nemotron", "ot3"):
         path = work / f"{kind}-{num_tokens // 2}{suffix}"
@@ -72,48 +74,91 @@ def make_corpus(work: Path, num_tokens: int, suffix: str) -> dict[str, Path]:
         elif suffix == ".jsonl.gz":
             synth.write_jsonl(path, rows)
         else:  # row groups of 500 rows, as the hub's parquet files have small row groups too
-            tmp = path.with_suffix(".tmp")
-            with pq.ParquetWriter(tmp, pa.Table.from_pylist([next(synth.rows(kind, num_rows=1))]).schema) as w:
-                batch = []
-                for row in rows:
-                    batch.append(row)
-                    if len(batch) == 500:
-                        w.write_table(pa.Table.from_pylist(batch))
-                        batch = []
-                if batch:
-                    w.write_table(pa.Table.from_pylist(batch))
-            tmp.rename(path)
+            write_parquet(path, rows)
         paths[kind] = path
     return paths
 
 
-PREP = [str(ROOT / ".venv/bin/prep")]  # --prep replaces it, to compare another version on the same corpus
+def write_parquet(path: Path, rows, group_rows: int = 500) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_suffix(".tmp")
+    writer, batch = None, []
+    for row in itertools.chain(rows, [None]):
+        if row is not None:
+            batch.append(row)
+        if batch and (row is None or len(batch) == group_rows):
+            table = pa.Table.from_pylist(batch)
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            batch = []
+    writer.close()
+    tmp.rename(path)
 
 
-def prep_command(paths: dict[str, Path], num_tokens: int, out: Path) -> list[str]:
-    return [*PREP, "build", "--mix", "nemotron=0.5,ot3=0.5", "--overwrite", "--no-progress",
-            "--source", f"nemotron={paths['nemotron']}", "--source", f"ot3={paths['ot3']}",
-            "--max-tokens", str(num_tokens), "--out", str(out)]
+def make_real_corpus(work: Path) -> dict[str, Path]:
+    """The text files of this checkout's .venv as smoltalk2 `Mid` rows: a user turn naming the file,
+    an assistant turn holding (a piece of) it; files in sorted order, cut at REAL_DOC_CHARS."""
+    path = work / "real-files.parquet"
+    if not path.exists():
+        def rows():
+            root = ROOT / ".venv" / "lib"
+            for file in sorted(p for p in root.rglob("*") if p.suffix in REAL_SUFFIXES and p.is_file()):
+                text = file.read_text(encoding="utf-8", errors="replace")
+                for start in range(0, len(text), REAL_DOC_CHARS):
+                    yield {"messages": [{"role": "user", "content": f"Show {file.relative_to(root)}, part {start // REAL_DOC_CHARS}."},
+                                        {"role": "assistant", "content": text[start:start + REAL_DOC_CHARS]}]}
+
+        write_parquet(path, rows())
+    return {"files": path}
 
 
-def text_batches(texts: list[str]) -> list[list[list[str]]]:
-    """The texts grouped as the build groups documents for Encoder.encode_batch (one part each)."""
-    from prep.build import batches
+def prep_command(paths: dict[str, Path], num_tokens: int | None, out: Path) -> list[str]:
+    """`prep build` of these sources in equal shares (a source of its own: one), into `out`."""
+    mix = ",".join(f"{name}={1 / len(paths):g}" for name in paths)
+    sources = [arg for name, path in paths.items() for arg in ("--source", f"{name}={path}")]
+    return [*PREP, "build", "--mix", mix, "--overwrite", "--no-progress", *sources,
+            *(["--max-tokens", str(num_tokens)] if num_tokens else []), "--out", str(out)]
 
-    return [batch for batch, _ in batches(([text] for text in texts), lambda doc: len(doc[0]))]
+
+def rendered_batches(paths: dict[str, Path], rows_read: dict[str, int]) -> list[list[str]]:
+    """The ChatML texts of the rows a build used, in the batches the build encodes them in, made by
+    the build's own stages (read -> check -> render) and turned into Python strings beforehand."""
+    from prep.check import check
+    from prep.render import render
+    from prep.sources import read
+
+    batches = []
+    for name, path in paths.items():
+        for batch in render(check(read(str(path))), spans=False):
+            if batch.first_row >= rows_read[name]:
+                break
+            batches.append(batch.texts.to_pylist()[: rows_read[name] - batch.first_row])
+    return batches
 
 
 class BareEncoder:
-    """The reference: the rendered texts in memory, encoded on one thread per core, in slices.
-    Slices alternate between one call per batch (as the build calls it) and one call per text."""
+    """The reference: fastokens on the rendered texts in memory, one thread per core, in slices that
+    alternate between `encode_batch_flat` and `encode_batch`, each call one batch.
 
-    def __init__(self, encoder, texts: list[str]):
+    Each call gets fresh copies of its strings: fastokens reads a str's UTF-8, which CPython builds
+    and then keeps inside a non-ASCII str, so calling it again on the same objects skips that work
+    (on the synthetic corpus, 96% of whose texts hold a non-ASCII character, 7 instead of 15 ns per
+    token, one core) while a build, like any real pipeline, encodes each text once. The copies
+    (s[:1] + s[1:]) cost the reference well under 1 ns per token."""
+
+    def __init__(self, tokenizer_json: Path, batches: list[list[str]]):
+        import fastokens
+
         self.workers = os.cpu_count()
         self.pool = ThreadPoolExecutor(self.workers)
+        fast = fastokens.Tokenizer.from_file(str(tokenizer_json))
         self.modes = {
-            "batched": (encoder.encode_batch, itertools.cycle(text_batches(texts))),
-            "per text": (lambda text: [encoder.encode(text)], itertools.cycle(texts)),
+            "encode_batch_flat": lambda batch: len(fast.encode_batch_flat(fresh(batch))[0]) // 4,
+            "encode_batch": lambda batch: sum(len(encoding) for encoding in fast.encode_batch(fresh(batch))),
         }
+        self.batches = itertools.cycle(batches)
         self.turns = itertools.cycle(self.modes)
         self.tokens, self.seconds = Counter(), Counter()  # per mode, since the last reset()
 
@@ -122,17 +167,16 @@ class BareEncoder:
         The slice's time is each thread's span from the start to the end of its last call,
         averaged over the threads: gaps between calls count, the idle tail at the end does not."""
         mode = next(self.turns)
-        encode, work = self.modes[mode]
+        encode = self.modes[mode]
 
-        def timed(item) -> tuple[int, int, float]:
-            num_tokens = sum(len(ids) for ids in encode(item))
-            return num_tokens, threading.get_ident(), time.perf_counter()
+        def timed(batch) -> tuple[int, int, float]:
+            return encode(batch), threading.get_ident(), time.perf_counter()
 
         start = time.perf_counter()
         deadline, running, last_end = start + seconds, set(), {}
         while True:
             while len(running) < 2 * self.workers and time.perf_counter() < deadline:
-                running.add(self.pool.submit(timed, next(work)))
+                running.add(self.pool.submit(timed, next(self.batches)))
             if not running:
                 break
             done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -151,21 +195,26 @@ class BareEncoder:
         self.seconds.clear()
 
 
+def fresh(texts: list[str]) -> list[str]:
+    """New str objects with the same text (and none of the UTF-8 a previous call left in them)."""
+    return [text[:1] + text[1:] for text in texts]
+
+
 def run_sliced(cmd: list[str], bare: BareEncoder, slice_s: float, log: Path, ready_line: bool = False):
     """Run cmd, stopping it every slice_s seconds of its running for a slice of the bare encoder.
-    Returns the process, its running seconds and its peak RSS (MB). With ready_line, the clock
-    starts when the process prints its first line (--calibrate's child, after loading its texts)."""
+    Returns the process, its running seconds and its RSS samples (MB, against running seconds).
+    With ready_line, the clock starts when the process prints its first line (--calibrate's child)."""
     import psutil
 
     proc = subprocess.Popen(cmd, stderr=log.open("w"), stdout=subprocess.PIPE if ready_line else None, text=True)
     if ready_line:
         proc.stdout.readline()
-    running, peak = 0.0, 0
+    running, rss = 0.0, []
     while True:
         start = time.perf_counter()
         while proc.poll() is None and time.perf_counter() - start < slice_s:
-            try:  # the build's memory is flat, not spiky: a sample every ~5 ms is plenty
-                peak = max(peak, psutil.Process(proc.pid).memory_info().rss)
+            try:  # a sample every ~5 ms: enough to see the peak and whether it grows
+                rss.append((running + time.perf_counter() - start, psutil.Process(proc.pid).memory_info().rss / 2**20))
             except psutil.NoSuchProcess:
                 pass
             time.sleep(0.005)
@@ -176,43 +225,41 @@ def run_sliced(cmd: list[str], bare: BareEncoder, slice_s: float, log: Path, rea
         bare.run_slice(slice_s)
         proc.send_signal(signal.SIGCONT)
     assert proc.returncode == 0, f"{cmd[:2]} failed ({proc.returncode}): {log.read_text()[-2000:]}"
-    return proc, running, peak / 2**20
+    return proc, running, rss
 
 
-def sliced_build(paths, num_tokens, out: Path, bare: BareEncoder, slice_s: float) -> dict:
-    """One `prep build`, sliced with the bare encoder: its manifest, running seconds, RSS, reference rate."""
+def sliced_build(cmd: list[str], out: Path, bare: BareEncoder, slice_s: float) -> dict:
+    """One `prep build`, sliced with the bare encoder: its manifest, running seconds, RSS, reference rates."""
     bare.reset()
-    _, seconds, rss = run_sliced(prep_command(paths, num_tokens, out), bare, slice_s, out.with_name(out.name + ".log"))
+    _, seconds, rss = run_sliced(cmd, bare, slice_s, out.with_name(out.name + ".log"))
     manifest = json.loads((out / "manifest.json").read_text())
     return {"manifest": manifest, "seconds": seconds, "rss": rss, "rates": bare.rates()}
 
 
 def bare_child(texts_path: str) -> None:
-    """--calibrate's child: the bare encoder on the texts, batched, as fast as it goes; prints the tokens."""
-    from prep.tokenizer import load_encoder
-    import pyarrow as pa
+    """--calibrate's child: the bare encoder on the batches, as fast as it goes; prints the tokens."""
+    import fastokens
 
-    encoder = load_encoder()
-    work = text_batches(pa.ipc.open_file(texts_path).read_all().column(0).to_pylist())
+    from prep.tokenizer import load_encoder
+
+    batches = json.loads(Path(texts_path).read_text())
+    fast = fastokens.Tokenizer.from_file(str(load_encoder().tokenizer_json))
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         print("ready", flush=True)
-        print(sum(len(ids) for docs in pool.map(encoder.encode_batch, work) for ids in docs), flush=True)
+        print(sum(len(ids) // 4 for ids, _ in pool.map(lambda batch: fast.encode_batch_flat(fresh(batch)), batches)),
+              flush=True)
 
 
-def calibrate(texts: list[str], bare: BareEncoder, work: Path, slice_s: float) -> float:
+def calibrate(batches: list[list[str]], bare: BareEncoder, work: Path, slice_s: float) -> float:
     """The ratio the method gives for the bare encoder against itself (should be 1.00)."""
-    import pyarrow as pa
-
-    path = work / "bench-texts.arrow"
-    table = pa.table({"text": texts})
-    with pa.ipc.new_file(path, table.schema) as writer:
-        writer.write_table(table)
+    path = work / "bench-texts.json"
+    path.write_text(json.dumps(batches))
     bare.reset()
     proc, seconds, _ = run_sliced([sys.executable, __file__, "--bare-child", str(path)], bare, slice_s,
                                   work / "calibrate.log", ready_line=True)
     num_tokens = int(proc.stdout.readline())
     path.unlink()
-    return num_tokens / seconds / max(bare.rates().values())
+    return num_tokens / seconds / bare.rates()["encode_batch_flat"]
 
 
 def head_to_head(commands: dict[str, list[str]], slice_s: float) -> dict[str, float]:
@@ -241,7 +288,7 @@ def head_to_head(commands: dict[str, list[str]], slice_s: float) -> dict[str, fl
 
 
 def compare(other: str, paths: dict[str, Path], num_tokens: int, work: Path, repeats: int, slice_s: float) -> None:
-    """--against: this prep and another, head to head on the parquet corpus; which one goes first alternates."""
+    """--against: this prep and another, head to head on the corpus; which one goes first alternates."""
     commands = {"this": prep_command(paths, num_tokens, work / "shards-this"),
                 "other": [*other.split(), *prep_command(paths, num_tokens, work / "shards-other")[1:]]}
     speedups = []
@@ -254,26 +301,169 @@ def compare(other: str, paths: dict[str, Path], num_tokens: int, work: Path, rep
           f"(median of {repeats}; runs: {', '.join(f'{v:.3f}' for v in speedups)})")
 
 
-def rendered_texts(paths: dict[str, Path], limit_docs: dict[str, int]) -> list[str]:
-    """The ChatML texts of the rows the build used, in memory, for the bare encoder."""
-    from prep.render import render
-    from prep.sources import iter_rows, to_messages
+# ---------------------------------------------------------------------------------------------
+# --profile: where the CPU-seconds of one build go, by stage (py-spy --native, all threads)
+# ---------------------------------------------------------------------------------------------
 
-    texts = []
-    for kind, path in paths.items():
-        for i, row in enumerate(iter_rows(str(path))):
-            if i == limit_docs[kind]:
-                break
-            texts.append(render(to_messages(row))[0])
-    return texts
+# The stage a sample belongs to, from the innermost frame of prep's own code on its stack, by
+# file and function (the second list covers the build before it was split into stage modules).
+STAGES = [
+    (r"prep/tokenizer\.py", r"^(Encoder\.__init__|load_encoder|_encoder|_load_fastokens|Encoder\._inspect|tokenizer_file)", "start-up (tokenizer)"),
+    (r"prep/sources\.py", None, "read"),
+    (r"prep/check\.py", None, "check"),
+    (r"prep/render\.py", None, "render"),
+    (r"prep/tokenizer\.py", None, "encode"),
+    (r"prep/pack\.py", r"^long_documents", "long-document policy"),
+    (r"prep/mix\.py", None, "mix"),
+    (r"prep/pack\.py", None, "pack"),
+    (r"prep/shards\.py", None, "write (+ hash)"),
+    (r"prep/state\.py", None, "resume state"),
+    (r"prep/build\.py", r"^(tokenized_docs\.<locals>\.encode|_ids_and_mask)", "encode"),
+    (r"prep/build\.py", r"^(tokenized_docs\.<locals>\.messages|tokenized_docs\.<locals>\.chars|batches)$", "read"),
+    (r"prep/build\.py", r"^_keep", "long-document policy"),
+    (r"prep/build\.py", r"^build\.<locals>\.write_ready", "write (+ hash)"),
+    (r"prep/build\.py", r"^(build\.<locals>\.save_state|save_state)", "resume state"),
+]
+
+
+WAITING = ("PyThread_acquire_lock", "pthread_cond", "Condition.wait", "Event.wait", "SimpleQueue_get")
+
+
+def stage_of(frames: list[str]) -> str | None:
+    """frames: innermost first, each "function (file:line)" as py-spy writes them. None for a thread
+    that waits (py-spy counts a thread blocked on a lock as active)."""
+    if any("importlib" in frame for frame in frames):
+        return "start-up (imports)"
+    for frame in frames:
+        match = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+        if not match or "prep/" not in match.group(2):
+            if any(marker in frame for marker in WAITING):
+                return None
+            continue
+        function, file = match.groups()
+        if file.endswith("prep/sources.py") and function.startswith(("to_messages", "_message")):
+            return "check"
+        for file_pattern, function_pattern, stage in STAGES:
+            if re.search(file_pattern, file) and (function_pattern is None or re.search(function_pattern, function)):
+                return stage
+        return f"other prep ({Path(file).name}:{function})"
+    return "outside prep"
+
+
+def profile(cmd: list[str], work: Path, rate: int = 50) -> None:
+    """CPU-seconds per stage of one build: the build's CPU time (user + sys, from a plain run), split
+    in the proportions of a `py-spy record --native` run's samples of every thread, waiting ones
+    left out. (py-spy counts a thread that waits for a core as active, so on a busy machine its
+    sample counts are wall time; the plain run's CPU time is not.)"""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    _, _, usage = os.wait4(proc.pid, 0)
+    cpu, wall = usage.ru_utime + usage.ru_stime, time.perf_counter() - started
+    raw = work / "profile.txt"
+    subprocess.run(["py-spy", "record", "--native", "--format", "raw", "--rate", str(rate), "-o", str(raw), "--", *cmd],
+                   check=True, stderr=subprocess.DEVNULL, env=os.environ | {"PATH": f"{ROOT / '.venv/bin'}:{os.environ['PATH']}"})
+    samples: dict[str, int] = defaultdict(int)
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        stage = stage_of(stack.split(";")[::-1])
+        if stage is not None:
+            samples[stage] += int(count)
+    total = sum(samples.values())
+    print(f"{' '.join(cmd[:2])} ...: {cpu:.1f} CPU-seconds (user + sys) in {wall:.1f} s; "
+          f"split by {total} py-spy samples (--native --rate {rate}):")
+    for stage, count in sorted(samples.items(), key=lambda item: -item[1]):
+        print(f"  {stage:45s} {cpu * count / total:6.1f} s  {count / total:6.1%}")
+
+
+# ---------------------------------------------------------------------------------------------
+# --serial: the work that runs on one thread, per token, and what it caps the build at
+# ---------------------------------------------------------------------------------------------
+
+def serial(paths: dict[str, Path], manifest: dict, tokenizer_json: Path, repeats: int) -> None:
+    """On one core: read + check + render (+ the texts as Python strings, which fastokens takes),
+    then mix + pack + write + hash on batches encoded beforehand, and bare fastokens alone; each
+    in tokens per CPU-second. The build runs the first on a reader thread per source and the
+    second on its main thread, so those cap it whatever the number of cores (they hold the GIL
+    only between Arrow kernels, numpy copies and hashing); encoding scales with the cores."""
+    import fastokens
+
+    from prep.check import check
+    from prep.mix import Mixer, SourceStats, documents
+    from prep.pack import BfdPacker, long_documents, pack
+    from prep.render import render
+    from prep.shards import ShardWriter, write
+    from prep.sources import read
+    from prep.tokenizer import encode, load_encoder
+
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    rows = {source["name"]: source["rows_read"] for source in manifest["sources"]}
+    shares = [source["requested_share"] for source in manifest["sources"]]
+    num_tokens = manifest["counts"]["tokens"]
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
+        return usage.ru_utime + usage.ru_stime
+
+    def read_check_render() -> list:
+        batches = []
+        for index, (name, path) in enumerate(paths.items()):
+            for batch in render(check(read(str(path), index)), spans=False):
+                if batch.first_row >= rows[name]:
+                    break
+                batch.texts.to_pylist()
+                batches.append(batch)
+        return batches
+
+    encoder = load_encoder(manifest["tokenizer"]["name"])
+    fast = fastokens.Tokenizer.from_file(str(tokenizer_json))
+    results = defaultdict(list)
+    for _ in range(repeats):
+        start = cpu()
+        batches = read_check_render()
+        results["read + check + render (+ str)"].append(num_tokens / (cpu() - start))
+        texts = [batch.texts.to_pylist() for batch in batches]
+        start = cpu()
+        for batch_texts in texts:
+            fast.encode_batch_flat(fresh(batch_texts))
+        results["bare fastokens encode_batch_flat"].append(num_tokens / (cpu() - start))
+        with ThreadPoolExecutor(1) as pool:
+            encoded = list(encode(iter(batches), encoder, pool, in_flight=2))
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serial-{os.getpid()}"
+        out.mkdir(exist_ok=True)
+        start = cpu()
+        stats = [SourceStats() for _ in paths]
+        streams = [documents(long_documents(iter([b for b in encoded if b.source == index]), "split", 32768), stats[index])
+                   for index in range(len(paths))]
+        mixer = Mixer(streams, shares, manifest["settings"]["max_tokens"])
+        write(pack(iter(mixer), BfdPacker(32768, 256)), ShardWriter(out, 32768, manifest["pad_id"], False, 1024))
+        results["mix + pack + write + hash"].append(sum(mixer.tokens) / (cpu() - start))
+        for path in out.iterdir():
+            path.unlink()
+        out.rmdir()
+    rate = {name: statistics.median(values) for name, values in results.items()}
+    # each source's reader thread reads, checks and renders its share; the main thread mixes, packs and writes all
+    readers = rate["read + check + render (+ str)"] / max(shares)
+    cap = min(readers, rate["mix + pack + write + hash"])
+    print(f"one core, median of {repeats}, tokens per CPU-second:")
+    for name, value in rate.items():
+        print(f"  {name:40s} {value / 1e6:7.1f} M")
+    print(f"  {'readers (one per source, largest share ' + format(max(shares), '.0%') + ')':40s} {readers / 1e6:7.1f} M")
+    print(f"  cap of the threads that don't scale: {cap / 1e6:.1f} M tokens/s (the readers and the main thread)")
+    for cores in (2, 16, 64):
+        encoding = cores * rate["bare fastokens encode_batch_flat"]
+        print(f"  {cores:2d} cores: encoding {encoding / 1e6:7.1f} M tokens/s: projected {min(encoding, cap) / 1e6:.1f} M tokens/s")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=float, default=200e6, help="corpus size in tokens (default 200M)")
+    parser.add_argument("--tokens", type=float, default=200e6, help="tokens to build (default 200M; real: all it has)")
+    parser.add_argument("--corpus", choices=["synthetic", "real"], default="synthetic")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is shown")
     parser.add_argument("--slice", type=float, default=1.0, help="seconds per slice of build / bare encoder")
     parser.add_argument("--calibrate", action="store_true", help="also slice the bare encoder against itself")
+    parser.add_argument("--jsonl", action="store_true", help="also time the synthetic corpus as jsonl.gz")
+    parser.add_argument("--serial", action="store_true", help="instead, the single-thread work per token")
+    parser.add_argument("--profile", action="store_true", help="instead, one build under py-spy, by stage")
     parser.add_argument("--work", default=str(ROOT / "bench"), help="where the corpus and shards go")
     parser.add_argument("--prep", help="the prep command to measure, e.g. another checkout's (default: this one's)")
     parser.add_argument("--against", metavar="PREP", help="instead, race this prep against another prep command, "
@@ -286,70 +476,87 @@ def main():
         return bare_child(args.bare_child)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    num_tokens = int(args.tokens)
+    real = args.corpus == "real"
+    num_tokens = None if real else int(args.tokens)
 
-    t = time.perf_counter()
-    paths = make_corpus(work, num_tokens, ".parquet")
-    gz_paths = make_corpus(work, num_tokens, ".jsonl.gz")
-    print(f"corpus: {', '.join(f'{p.name} {p.stat().st_size / 1e6:.0f} MB' for p in [*paths.values(), *gz_paths.values()])} "
-          f"({time.perf_counter() - t:.0f} s)")
+    started = time.perf_counter()
+    paths = make_real_corpus(work) if real else make_corpus(work, num_tokens, ".parquet")
+    print(f"corpus: {', '.join(f'{p.name} {p.stat().st_size / 1e6:.0f} MB' for p in paths.values())} "
+          f"({time.perf_counter() - started:.0f} s); machine: {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.2f} at start", flush=True)
 
     if args.against:
         return compare(args.against, paths, num_tokens, work, args.repeats, args.slice)
+    out = work / ("shards-real" if real else "shards")
+    if args.profile:
+        return profile(prep_command(paths, num_tokens, out), work)
 
-    from prep.tokenizer import load_encoder
-
-    # One plain build first: it says which rows the build takes (the bare encoder gets the same texts)
+    # One plain build first: it says which rows the build takes (the reference gets the same texts)
     # and warms the page cache for every run after it.
-    out = work / "shards"
     subprocess.run(prep_command(paths, num_tokens, out), check=True, stderr=subprocess.DEVNULL)
     manifest = json.loads((out / "manifest.json").read_text())
-    encoder = load_encoder(manifest["tokenizer"]["name"])
-    texts = rendered_texts(paths, {s["name"]: s["rows_read"] for s in manifest["sources"]})
-    bare = BareEncoder(encoder, texts)
+    from prep.tokenizer import load_encoder
 
-    runs = {"parquet": [], "jsonl.gz": [], "start-up": []}
-    for rep in range(args.repeats):
-        runs["parquet"].append(sliced_build(paths, num_tokens, out, bare, args.slice))
-        runs["jsonl.gz"].append(sliced_build(gz_paths, num_tokens, work / "shards-gz", bare, args.slice))
-        runs["start-up"].append(sliced_build(paths, 1, work / "shards-tiny", bare, args.slice))  # one document
+    tokenizer_json = load_encoder(manifest["tokenizer"]["name"]).tokenizer_json
+    if args.serial:
+        return serial(paths, manifest, tokenizer_json, args.repeats)
+    batches = rendered_batches(paths, {s["name"]: s["rows_read"] for s in manifest["sources"]})
+    bare = BareEncoder(tokenizer_json, batches)
+
+    kinds = ["parquet", "start-up"] + (["jsonl.gz"] if args.jsonl and not real else [])
+    runs = {kind: [] for kind in kinds}
+    commands = {"parquet": (prep_command(paths, num_tokens, out), out),
+                "start-up": (prep_command(paths, 1, work / "shards-tiny"), work / "shards-tiny")}
+    if "jsonl.gz" in kinds:
+        commands["jsonl.gz"] = (prep_command(make_corpus(work, num_tokens, ".jsonl.gz"), num_tokens, work / "shards-gz"),
+                                work / "shards-gz")
+    for _ in range(args.repeats):
+        for kind in kinds:
+            runs[kind].append(sliced_build(*commands[kind], bare, args.slice))
 
     def ratios(kind: str, minus_startup: bool = False) -> list[float]:
         """Per run: the build's tokens/s over the faster bare mode's tokens/s in the same run's slices."""
-        out = []
+        values = []
         for run, startup in zip(runs[kind], runs["start-up"]):
             seconds = run["seconds"] - (startup["seconds"] if minus_startup else 0)
-            out.append(run["manifest"]["counts"]["tokens"] / seconds / max(run["rates"].values()))
-        return out
+            values.append(run["manifest"]["counts"]["tokens"] / seconds / max(run["rates"].values()))
+        return values
 
     def show(values: list[float]) -> str:
         return f"{statistics.median(values):.2f}" + (f" (runs: {', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else "")
 
-    manifest = runs["parquet"][-1]["manifest"]
-    c = manifest["counts"]
     def median_seconds(kind: str) -> float:
         return statistics.median(run["seconds"] for run in runs[kind])
 
+    manifest = runs["parquet"][-1]["manifest"]
+    counts = manifest["counts"]
     rate = {mode: statistics.median(run["rates"][mode] for run in runs["parquet"]) for mode in bare.modes}
-    input_tokens = c["tokens"] + c["truncated_tokens"] + c["dropped_tokens"]
-    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
-          f"median of {args.repeats} runs each, build and bare encoder interleaved in {args.slice:g} s slices")
-    print(f"bare encoder ({encoder.kind}, {bare.workers} threads, texts in memory): {rate['batched'] / 1e6:.2f} M tokens/s "
-          f"called per batch (Encoder.encode_batch), {rate['per text'] / 1e6:.2f} M tokens/s called per text; "
-          "in each run the faster is the reference")
-    print(f"prep build, parquet -> shards: {c['tokens'] / 1e6:.1f} M tokens in {median_seconds('parquet'):.1f} s = "
-          f"{c['tokens'] / median_seconds('parquet') / 1e6:.2f} M tokens/s")
-    print(f"ratio prep / bare encoder, end to end: {show(ratios('parquet'))}  (goal >= 0.85)")
+    input_tokens = counts["tokens"] + counts["truncated_tokens"] + counts["dropped_tokens"]
+    print(f"median of {args.repeats} runs each, build and bare encoder interleaved in {args.slice:g} s slices; "
+          f"load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"bare fastokens ({bare.workers} threads, rendered texts in memory, the build's batches): "
+          + ", ".join(f"{mode} {value / 1e6:.2f} M tokens/s" for mode, value in rate.items())
+          + "; in each run the faster is the reference")
+    print(f"prep build, parquet -> shards: {counts['tokens'] / 1e6:.1f} M tokens in {median_seconds('parquet'):.1f} s = "
+          f"{counts['tokens'] / median_seconds('parquet') / 1e6:.2f} M tokens/s  (goal >= 12)")
+    print(f"ratio prep / bare fastokens, end to end: {show(ratios('parquet'))}")
     print(f"  start-up (imports, tokenizer, opening sources; a 1-document build): {median_seconds('start-up'):.1f} s; "
-          f"after it: ratio {show(ratios('parquet', minus_startup=True))}")
-    print(f"  same corpus as jsonl.gz: ratio {show(ratios('jsonl.gz'))} (gunzip and JSON parsing share the same cores)")
+          f"after it: ratio {show(ratios('parquet', minus_startup=True))}  (goal >= 0.5)")
+    if "jsonl.gz" in runs:
+        print(f"  same corpus as jsonl.gz: ratio {show(ratios('jsonl.gz'))}")
     if args.calibrate:
-        print(f"  the method against itself (--calibrate, should be 1.00): {calibrate(texts, bare, work, args.slice):.2f}")
-    print(f"BFD fill at {manifest['seq_len']}: {c['tokens'] / (c['sequences'] * manifest['seq_len']):.3%}  (goal >= 99.8%)")
-    print(f"tokens kept: {c['tokens'] / input_tokens:.3%} ({c['split']} documents split, none truncated or dropped)"
-          f"  (goal 100%)")
-    print(f"peak RSS of prep build: {max(r['rss'] for r in runs['parquet']):.0f} MB parquet, "
-          f"{max(r['rss'] for r in runs['jsonl.gz']):.0f} MB jsonl.gz")
+        print(f"  the method against itself (--calibrate, should be 1.00): {calibrate(batches, bare, work, args.slice):.2f}")
+    print(f"BFD fill at {manifest['seq_len']}: {counts['tokens'] / (counts['sequences'] * manifest['seq_len']):.3%}  "
+          f"(goal >= 99.8%)")
+    print(f"tokens kept: {counts['tokens'] / input_tokens:.3%} ({counts['split']} documents split, none truncated or "
+          f"dropped); encoder fallbacks: {counts['encoder_fallbacks']}  (goal 100%)")
+    for kind in runs:
+        if kind == "start-up":
+            continue
+        rss = max(runs[kind], key=lambda run: max(mb for _, mb in run["rss"]))["rss"]
+        quarters = [max(mb for t, mb in rss if t <= rss[-1][0] * q / 4) for q in (1, 2, 3, 4)]
+        print(f"peak RSS of prep build ({kind}): {quarters[-1]:.0f} MB; peak by the end of each quarter of the run: "
+              + ", ".join(f"{mb:.0f}" for mb in quarters) + " MB  (goal <= 1024, flat)")
 
 
 if __name__ == "__main__":

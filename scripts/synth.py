@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from prep.shards import atomic_file
 from prep.tokenizer import load_encoder
 
 KINDS = {  # source, domain weights, median and sigma of the lognormal body of row lengths
@@ -158,7 +159,8 @@ class Pool:
         for newline in ("\n", "\r\n"):
             for cat, (_, sep, _) in CATEGORIES.items():
                 texts = [(text + sep).replace("\n", newline) for text in made[cat]]
-                self.blocks[newline, cat] = list(zip(texts, map(len, encoder.encode_batch([[text] for text in texts]))))
+                ends = encoder.encode_batch(texts)[1].tolist()  # text k's ids end at ends[k + 1]
+                self.blocks[newline, cat] = list(zip(texts, map(int.__sub__, ends[1:], ends)))
             body = [pair for cat in BODY for pair in self.blocks[newline, cat]]
             self.body[newline] = [text for text, _ in body], [tokens for _, tokens in body]
         self.think_tokens = len(encoder.encode("<think>\n</think>\n\n"))  # special tokens: cuts on both sides
@@ -234,8 +236,7 @@ def write_jsonl(path, rows_iter: Iterable[dict], compresslevel: int = 1) -> int:
     """Write rows as JSON lines to `path` (gzip if .gz) atomically; return the row count. No name or mtime in the
     gzip header: same rows, same bytes. Level 1 is 4x faster than 6 on this text, for files 16% larger."""
     path, num_rows = Path(path), 0
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as raw:
+    with atomic_file(path, f".tmp-{os.getpid()}") as raw:
         gz = path.suffix == ".gz"
         out = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=compresslevel) if gz else raw
         for row in rows_iter:
@@ -243,8 +244,4 @@ def write_jsonl(path, rows_iter: Iterable[dict], compresslevel: int = 1) -> int:
             num_rows += 1
         if out is not raw:
             out.close()
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
     return num_rows
-

@@ -1,22 +1,30 @@
 """End-to-end `prep build`: rows in, shards out; nothing lost, deterministic, readable by pyarrow and datasets."""
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from prep.build import BuildConfig, build
-from prep.render import render
-from prep.sources import iter_rows, to_messages
 
 from conftest import read_rows, read_shard, smoltalk_row, write_jsonl
 
 T = 1024
 
 
+def chatml(messages: list[dict]) -> str:
+    """The recipe's ChatML, written out here as the template reads (render.py must agree)."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
 def expected_docs(encoder, path) -> list[np.ndarray]:
-    return [encoder.encode(render(to_messages(row))[0]) for row in iter_rows(path)]
+    """`tokenizers`' ids of each row's ChatML: the reference for what the build must write."""
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    return [np.array(encoder.backend.encode(chatml(row["messages"]), add_special_tokens=False).ids, np.uint32)
+            for row in rows]
 
 
 def run(tmp_path, name="out", **kw) -> tuple[dict, Path]:
@@ -95,19 +103,64 @@ def test_long_policies_and_wrapped(tmp_path, corpus):
     assert all(sum(r["doc_lens"]) == T for r in rows[:-1])  # wrapped: every sequence full but the last
 
 
-def test_loss_on_assistant(tmp_path, encoder):
-    rows = [{"messages": [{"role": "user", "content": "What is 6*7? " * 3},
-                          {"role": "assistant", "content": "<think>\nsix sevens\n</think>\n\n42"},
-                          {"role": "user", "content": "  and again?"}, {"role": "assistant", "content": "\n  42 again"}]}] * 3
+GENERATION_TEMPLATE = (  # the recipe's ChatML, with assistant content + <|im_end|> marked for transformers
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+)
+
+
+def test_loss_on_assistant_equals_transformers_assistant_mask(tmp_path):
+    """The loss mask against transformers' own: apply_chat_template(return_assistant_tokens_mask=True)
+    with a template that wraps assistant content and its <|im_end|> in {% generation %}. They agree on
+    every token but one kind, by design: a token that starts in the header and ends inside the
+    content (the BPE merges the header's "\\n" with the content's leading newlines) gets loss from
+    transformers (it holds a character of the content) and none from us (it doesn't start there)."""
+    import random
+
+    from prep.tokenizer import load_hf_tokenizer
+
+    hf = load_hf_tokenizer()
+    rng = random.Random(5)
+    contents = ["<think>\nsix sevens\n</think>\n\n42", "\n  42 again", " leading space", "中文 答案 😀",
+                "\n\n\nnewlines first", "<|im_end|> inside", "x", "tabs\there\n\n"]
+    rows = []
+    for i in range(40):
+        turns = [{"role": "user", "content": f"Q{i}: " + rng.choice(["What is 6*7?", "  and again?", "中文?"])}]
+        for _ in range(rng.randint(1, 3)):
+            turns += [{"role": "assistant", "content": rng.choice(contents) + f" #{i}"},
+                      {"role": "user", "content": rng.choice(["more", "\nwhy?"])}]
+        rows.append({"messages": turns[:-1]})
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
-    manifest, out = run(tmp_path, mix="qa=1", sources={"qa": path}, loss_on="assistant", seq_len=256)
-    assert manifest["loss_mask"]
-    row = read_rows(out)[0]
-    n = row["doc_lens"][0]
-    text = encoder.decode(row["input_ids"][:n][row["loss_mask"][:n] == 1])
-    # the header's "\n" and the content's leading "\n" merge into one token that starts in the header: no loss
-    assert text == "<think>\nsix sevens\n</think>\n\n42<|im_end|>  42 again<|im_end|>"
-    assert (row["loss_mask"][sum(row["doc_lens"]):] == 0).all()
+    manifest, out = run(tmp_path, mix="qa=1", sources={"qa": path}, loss_on="assistant", seq_len=256, window=4)
+    assert manifest["loss_mask"] and manifest["counts"]["split"] == 0
+    theirs = {}
+    for row in rows:
+        out_hf = hf.apply_chat_template(row["messages"], chat_template=GENERATION_TEMPLATE, tokenize=True,
+                                        return_dict=True, return_assistant_tokens_mask=True)
+        text = chatml(row["messages"])
+        offsets = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert offsets["input_ids"] == out_hf["input_ids"]
+        content_starts, position = [], 0
+        for m in row["messages"]:
+            head = f"<|im_start|>{m['role']}\n"
+            if m["role"] == "assistant":
+                content_starts.append(position + len(head))
+            position += len(head) + len(m["content"]) + len("<|im_end|>\n")
+        assert position == len(text)
+        theirs[tuple(out_hf["input_ids"])] = (np.array(out_hf["assistant_masks"]), offsets["offset_mapping"], content_starts)
+    straddling = 0
+    for shard_row in read_rows(out):
+        for start, end in zip(np.cumsum([0] + shard_row["doc_lens"][:-1]), np.cumsum(shard_row["doc_lens"])):
+            mask, offsets, content_starts = theirs.pop(tuple(shard_row["input_ids"][start:end].tolist()))
+            ours = shard_row["loss_mask"][start:end]
+            for position in np.flatnonzero(ours != mask):
+                token_start, token_end = offsets[position]
+                assert ours[position] == 0 and mask[position] == 1, position
+                assert any(token_start < content < token_end for content in content_starts), position
+                straddling += 1
+        assert (shard_row["loss_mask"][sum(shard_row["doc_lens"]):] == 0).all()
+    assert not theirs and straddling > 0  # every document found once; the one difference did occur
 
 
 def test_bad_rows_are_counted_and_change_nothing_else(tmp_path, corpus):
@@ -154,3 +207,37 @@ def test_settings_are_checked_before_work(tmp_path):
         with pytest.raises(ValueError):
             build(BuildConfig(out=str(tmp_path / "never"), progress=False, **kw))
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("total_from", ["max_tokens", "parquet row counts"])
+def test_progress_shows_tokens_per_second_and_an_eta(tmp_path, corpus, monkeypatch, capsys, total_from):
+    """On a terminal the bar shows tokens/s and, when the total is known, a percentage and an ETA:
+    from --max-tokens, or estimated from the parquet footers' row counts."""
+    import re
+    import sys
+
+    import pyarrow.parquet as pq
+
+    sources = {}
+    for name, path in corpus.items():
+        sources[name] = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.Table.from_pylist([json.loads(line) for line in open(path)]), sources[name])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    extra = {"max_tokens": 60_000} if total_from == "max_tokens" else {}
+    build(BuildConfig(out=str(tmp_path / "out"), mix="a=0.5,b=0.5", sources=sources, seq_len=T, window=16,
+                      progress=True, **extra), log=lambda m: None)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert re.search(r"tok/s", bar) and re.search(r"\d+%", bar) and re.search(r"<\d\d:\d\d", bar), bar
+
+
+def test_progress_estimate_from_row_counts(tmp_path):
+    """Without --max-tokens the build ends when the first source runs out: the estimate is the
+    total mixed by then, from each source's tokens per row so far."""
+    from prep.build import Progress
+    from prep.mix import SourceStats
+    from prep.sources import Source
+
+    progress = Progress(BuildConfig(progress=False), [Source("a", "x"), Source("b", "y")], {"a": 0.5, "b": 0.5},
+                        [SourceStats(rows_read=10, tokens=1000), SourceStats(rows_read=50, tokens=1000)])
+    progress.num_rows = [100, 1000]  # a: 10,000 tokens when it runs out; b: 20,000
+    assert progress.estimate() == 20_000  # a runs out first, when the mix holds 10,000 / 0.5

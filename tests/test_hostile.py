@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -51,6 +53,58 @@ def test_every_bad_row_is_named_and_good_rows_are_untouched(tmp_path):
         assert read_shard(tmp_path / "clean" / a["file"]).equals(read_shard(tmp_path / "dirty" / b["file"]))
 
 
+def shard_documents(out: Path) -> list[list[int]]:
+    """Every document (or piece) of a build, in shard order."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    docs = []
+    for info in manifest["shards"]:
+        rows = read_shard(out / info["file"])
+        for ids, lens in zip(rows["input_ids"].to_pylist(), rows["doc_lens"].to_pylist()):
+            starts = np.cumsum([0] + lens)
+            docs += [ids[start:end] for start, end in zip(starts, starts[1:])]
+    return docs
+
+
+def chatml(row: dict) -> str:
+    """The row's ChatML, written out here (its messages as test_sources checks them per schema)."""
+    from prep.check import to_messages
+
+    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in to_messages(row))
+
+
+def test_good_rows_get_tokenizers_ids(tmp_path, encoder):
+    """Around the bad rows, every good row's document holds exactly `tokenizers`' ids of its ChatML."""
+    build(BuildConfig(out=str(tmp_path / "o"), sources={"h": str(HOSTILE)}, **(SETTINGS | {"seq_len": 4096})),
+          log=lambda m: None)
+    good = [json.loads(line) for i, line in enumerate(HOSTILE.read_bytes().split(b"\n")[:-1])
+            if i % 2 == 0 or i >= 2 * len(EXPECTED)]
+    expected = Counter(tuple(encoder.backend.encode(chatml(row), add_special_tokens=False).ids) for row in good)
+    assert Counter(map(tuple, shard_documents(tmp_path / "o"))) == expected
+
+
+def test_a_row_no_encoder_can_encode_is_rejected_and_counted(tmp_path, monkeypatch):
+    """If fastokens and then tokenizers both fail on a document, its row is rejected as untokenizable,
+    named in the manifest, and the rows around it are built as usual."""
+    from prep.tokenizer import Encoder
+
+    def failing(real):
+        def encode(self, texts, *rest):
+            if any("UNENCODABLE" in text for text in texts):
+                raise ValueError("no")
+            return real(self, texts, *rest)
+        return encode
+
+    monkeypatch.setattr(Encoder, "_fast_batch", failing(Encoder._fast_batch))
+    monkeypatch.setattr(Encoder, "_reference_one", lambda self, text: None)
+    rows = [{"messages": [{"role": "user", "content": f"row {i}" + (" UNENCODABLE" if i == 3 else "")}]} for i in range(8)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = build(BuildConfig(out=str(tmp_path / "o"), sources={"h": str(path)}, **SETTINGS), log=lambda m: None)
+    source = manifest["sources"][0]
+    assert source["rejected"] == {"untokenizable": 1} and source["rejected_examples"] == [{"row": 3, "reason": "untokenizable"}]
+    assert source["documents"] == 7 and source["rows_read"] == 8 and manifest["counts"]["encoder_fallbacks"] == 0
+
+
 def test_special_token_strings_in_content_stay_special(tmp_path, encoder):
     """Documented choice: like apply_chat_template with the official tokenizer, `<|im_end|>` written inside
     content becomes special id 128012 (not escaped), so our ids equal the reference recipe's."""
@@ -75,8 +129,9 @@ def test_parquet_with_unexpected_schema_is_counted(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_50_mb_row_is_packed_whole(tmp_path):
-    """One 50 MB assistant message (generated here, not committed): split into pieces, nothing lost."""
+def test_a_50_mb_row_is_packed_whole(tmp_path, encoder):
+    """One 50 MB assistant message (generated here, not committed): split into pieces, nothing lost,
+    and its ids, pieces put back together, are `tokenizers`' ids."""
     content = ("Wait, let me reconsider the integral once more. " * 1_100_000)[:50_000_000]
     path = tmp_path / "huge.jsonl"
     with open(path, "w") as f:
@@ -84,6 +139,11 @@ def test_a_50_mb_row_is_packed_whole(tmp_path):
         f.write("\n")
     manifest = build(BuildConfig(out=str(tmp_path / "o"), sources={"h": str(path)}, mix="h=1", progress=False),
                      log=lambda m: None)
-    c = manifest["counts"]
-    assert c["documents"] == 1 and c["split"] == 1 and c["rejected"] == {}
-    assert c["tokens"] > 10_000_000 and c["pieces"] == -(-c["tokens"] // 32768)
+    counts = manifest["counts"]
+    assert counts["documents"] == 1 and counts["split"] == 1 and counts["rejected"] == {}
+    assert counts["tokens"] > 10_000_000 and counts["pieces"] == -(-counts["tokens"] // 32768)
+    pieces = shard_documents(tmp_path / "o")  # the full pieces in order, then the remainder
+    expected = encoder.backend.encode(chatml({"messages": [{"role": "user", "content": "q"},
+                                                          {"role": "assistant", "content": content}]}),
+                                      add_special_tokens=False).ids
+    assert sum(pieces, []) == expected and counts["encoder_fallbacks"] == 0

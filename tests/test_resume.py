@@ -16,11 +16,11 @@ def files(out) -> dict[str, bytes]:
 
 @pytest.fixture(autouse=True)
 def small_batches(monkeypatch):
-    """Tokenizer batches of a few rows, so batches straddle shards and a resume starts mid-batch
-    (the module's reference build uses the default batches: grouping must not change the bytes)."""
-    import prep.build
+    """Batches of a few rows, so batches straddle shards and a resume starts mid-batch (the module's
+    reference build uses the default batches: grouping must not change the bytes)."""
+    import prep.sources
 
-    monkeypatch.setattr(prep.build, "CHUNK_CHARS", 20_000)
+    monkeypatch.setattr(prep.sources, "BATCH_ROWS", 7)
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +84,29 @@ def test_resume_skips_finished_work(tmp_path, corpus, monkeypatch):
     """Rows settled before the crash are not tokenized again."""
     import prep.build
 
+    import prep.sources
+
     save = crash_at_save(monkeypatch, 4)
-    monkeypatch.setattr(prep.build, "CHUNK_CHARS", 1)  # one row per tokenizer batch: in flight = batches
+    monkeypatch.setattr(prep.sources, "BATCH_ROWS", 1)  # one row per batch: rows in flight = batches
     out = tmp_path / "out"
     with pytest.raises(SystemExit):
         build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
     done_rows = sum(st["rows_read"] for st in prep.state.load(out)[0]["stats"])
     monkeypatch.setattr(prep.state, "save", save)
-    encoded = []
-    real_render = prep.build.render_parts
-    monkeypatch.setattr(prep.build, "render_parts", lambda m: encoded.append(1) or real_render(m))
+    rendered = []
+    real_render = prep.build.render
+
+    def counting_render(batches, spans):
+        for batch in real_render(batches, spans):
+            rendered.append(len(batch.rows))
+            yield batch
+
+    monkeypatch.setattr(prep.build, "render", counting_render)
     manifest = build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=lambda m: None)
     total_rows = sum(s["rows_read"] for s in manifest["sources"])
-    in_flight = 2 * (os.cpu_count() + 2)  # batches ahead per source (build.py), 2 sources
-    assert done_rows > 0 and len(encoded) <= total_rows - done_rows + in_flight
+    # batches ahead per source (build.py): being encoded, and rendered ahead by the reader thread
+    ahead = 2 * ((os.cpu_count() + 2) + (4 + 1))
+    assert done_rows > 0 and sum(rendered) <= total_rows - done_rows + ahead
 
 
 def test_rerun_is_a_no_op_and_other_settings_are_refused(tmp_path, corpus, reference):

@@ -1,4 +1,5 @@
-"""Schemas, file kinds, the hub path (exercised with a local dataset repo) and ChatML rendering."""
+"""Schemas, file kinds, the hub path (exercised with a local dataset repo), the checks (Arrow and
+Python paths alike) and ChatML rendering."""
 
 import gzip
 import json
@@ -7,8 +8,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prep.render import render
-from prep.sources import Reject, iter_rows, local_files, resolve_sources, to_messages
+from prep.check import check, messages_array, to_messages
+from prep.render import chatml
+from prep.sources import BATCH_ROWS, Reject, local_files, read, resolve_sources
+
+
+def iter_rows(spec: str) -> list:
+    """Each row of SPEC through read and check, in row order: its (role, content) messages, or its Reject."""
+    rows = []
+    for batch in check(read(spec)):
+        reasons = dict(batch.rejects)
+        accepted = iter(batch.messages.to_pylist())
+        for row in range(batch.num_rows):
+            rows.append(Reject(reasons[row]) if row in reasons else [(m["role"], m["content"]) for m in next(accepted)])
+    return rows
 
 SMOLTALK = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                          {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}], "source": "s"}
@@ -51,13 +64,16 @@ def test_render_equals_apply_chat_template(encoder):
     hf = load_hf_tokenizer()
     messages = [dict(role=r, content=c) for r, c in to_messages(SMOLTALK)]
     messages.append({"role": "user", "content": "tricky <|im_end|> inside, 中文, \r\n\ttabs   "})
-    text, spans = render([(m["role"], m["content"]) for m in messages])
+    texts, (documents, starts, ends) = chatml(messages_array([[(m["role"], m["content"]) for m in messages]] * 2),
+                                              spans=True)
+    text = texts[1].as_py()
     assert text == hf.apply_chat_template(messages, tokenize=False)
     ids = hf.apply_chat_template(messages, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert encoder.encode(text).tolist() == list(ids)
     assert not text.startswith("<|begin_of_text|>")
-    assert [text[s:e] for s, e in spans] == ["<think>\nadd\n</think>\n\n4<|im_end|>"]
+    assert documents.tolist() == [0, 1]  # spans are in UTF-8 bytes, within their document
+    assert [text.encode()[start:end] for start, end in zip(starts, ends)] == ["<think>\nadd\n</think>\n\n4<|im_end|>".encode()] * 2
 
 
 def test_lone_surrogates_are_rejected_paired_ones_kept(tmp_path):
@@ -68,7 +84,7 @@ def test_lone_surrogates_are_rejected_paired_ones_kept(tmp_path):
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good, bad, good)))
     assert "\\ud83d\\ude00" in (tmp_path / "s.jsonl").read_text()  # the emoji is an escaped pair
     rows = list(iter_rows(str(tmp_path / "s.jsonl")))
-    assert rows[0] == rows[2] == good
+    assert rows[0] == rows[2] == to_messages(good)
     assert isinstance(rows[1], Reject) and rows[1].args == ("lone_surrogate",)
 
 
@@ -89,7 +105,7 @@ def test_every_file_kind_streams(tmp_path, name, count):
     write_all_kinds(tmp_path)
     rows = list(iter_rows(str(tmp_path / name)))
     assert len(rows) == count
-    assert to_messages(rows[0]) == to_messages(SMOLTALK)
+    assert rows[0] == to_messages(SMOLTALK)
 
 
 def test_directories_and_globs(tmp_path):
@@ -126,9 +142,9 @@ def test_invalid_utf8_in_parquet_is_counted_not_fatal(tmp_path):
     table = pa.table({"messages": pa.ListArray.from_arrays(pa.array([0, 1, 2, 3], pa.int32()), element)})
     pq.write_table(table, tmp_path / "bad.parquet")
     rows = list(iter_rows(str(tmp_path / "bad.parquet")))
-    assert rows[0] == {"messages": [{"role": "user", "content": "fine"}]}
+    assert rows[0] == [("user", "fine")]
     assert isinstance(rows[1], Reject) and rows[1].args == ("invalid_utf8",)
-    assert rows[2] == {"messages": [{"role": "user", "content": "also fine"}]}
+    assert rows[2] == [("user", "also fine")]
 
 
 def test_hub_path_with_a_local_dataset_repo(tmp_path):
@@ -142,7 +158,7 @@ def test_hub_path_with_a_local_dataset_repo(tmp_path):
         "  - split: OpenThoughts3_1.2M\n    path: Mid/OpenThoughts3_1.2M-*.parquet\n"
         "  - split: Other\n    path: Mid/Other-*.parquet\n---\n")
     rows = list(iter_rows(f"{repo}:Mid:OpenThoughts3_1.2M"))
-    assert len(rows) == 4 and to_messages(rows[0]) == to_messages(SMOLTALK)
+    assert len(rows) == 4 and rows[0] == to_messages(SMOLTALK)
 
 
 def test_presets_and_unreachable_hub(monkeypatch):
@@ -156,3 +172,61 @@ def test_presets_and_unreachable_hub(monkeypatch):
         list(iter_rows(specs["ot3"]))
     with pytest.raises(ValueError, match="unknown source 'foo'.*--source foo=SPEC"):
         resolve_sources(["foo"], {}, sample=False)
+
+
+BAD_MESSAGES = [None, [], [None], [{"role": None, "content": "x"}], [{"role": "wizard", "content": "x"}],
+                [{"role": "user", "content": None}], [{"role": "user", "content": "ok"}, {"role": "alien", "content": "x"}],
+                [{"role": "user", "content": "ok"}, None], [{"role": "assistant", "content": ""}]]
+
+
+@pytest.mark.parametrize("column, role_key, content_key", [("messages", "role", "content"),
+                                                            ("conversations", "from", "value")])
+def test_arrow_checks_reject_what_to_messages_rejects(tmp_path, column, role_key, content_key):
+    """Parquet in the two list-of-struct schemas is checked by Arrow kernels: every row must be
+    accepted or rejected, for the same reason, exactly as to_messages does it row by row."""
+    import random
+
+    rng = random.Random(2)
+    roles = {"messages": ["user", "assistant", "system", "tool"], "conversations": ["human", "gpt", "system", "tool"]}
+    values = []
+    for i in range(300):
+        if rng.random() < 0.3:
+            messages = rng.choice(BAD_MESSAGES)
+        else:
+            messages = [{"role": rng.choice(roles[column]), "content": f"turn {i} {j} 中文"} for j in range(rng.randint(1, 4))]
+        values.append(None if messages is None else
+                      [None if m is None else {role_key: m["role"], content_key: m["content"]} for m in messages])
+    pq.write_table(pa.table({column: values, "id": list(range(300))}), tmp_path / "rows.parquet", row_group_size=70)
+    rows = iter_rows(str(tmp_path / "rows.parquet"))
+    expected = []
+    for value in values:
+        try:
+            expected.append(to_messages({column: value, "id": 0}))
+        except Reject as reject:
+            expected.append(reject.args[0])
+    assert [r.args[0] if isinstance(r, Reject) else r for r in rows] == expected
+    assert len({e for e in expected if isinstance(e, str)}) >= 5
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "arrow"])
+def test_reading_from_a_row_equals_skipping_to_it(tmp_path, kind):
+    """A resumed build reads a source from its settled row: whole row groups are skipped unread,
+    and the rows from there on are those of a full read."""
+    rows = [{"messages": [{"role": "user", "content": f"row {i}"}]} for i in range(3 * BATCH_ROWS + 17)]
+    path = tmp_path / f"rows.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif kind == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=100)
+    else:
+        table = pa.Table.from_pylist(rows)
+        with pa.ipc.new_stream(str(path), table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=90):
+                writer.write_batch(batch)
+    full = [(batch.first_row, batch.num_rows) for batch in read(str(path))]
+    assert sum(n for _, n in full) == len(rows) and [first for first, _ in full][0] == 0
+    for start in (0, 1, 99, 100, 250, BATCH_ROWS, len(rows) - 1, len(rows)):
+        batches = list(check(read(str(path), start=start)))
+        assert not batches or batches[0].first_row == start
+        got = [m for batch in batches for m in batch.messages.to_pylist()]
+        assert [m[0]["content"] for m in got] == [f"row {i}" for i in range(start, len(rows))]

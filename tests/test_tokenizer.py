@@ -1,11 +1,15 @@
-"""Tokenizer exactness: the tiktoken fast path equals `tokenizers` and Meta's own Llama-3 tokenizer."""
+"""Tokenizer exactness: the fastokens hot path equals `tokenizers` (on a wide text set, a seeded fuzz
+corpus and pathological documents) and Meta's own Llama-3 tokenizer; where fastokens fails, the
+fallback still gives `tokenizers`' ids and is counted."""
 
+import json
 import random
 
 import numpy as np
 import pytest
 
-from prep.tokenizer import CHATML_TEMPLATE, Encoder, _load_ranks, smollm3_special_tokens
+import prep.tokenizer
+from prep.tokenizer import CHATML_TEMPLATE, ENCODED, FALLBACK, Encoder, smollm3_special_tokens
 
 
 def wide_texts() -> list[str]:
@@ -41,8 +45,43 @@ def wide_texts() -> list[str]:
     return texts
 
 
+def reference(encoder, text: str) -> list[int]:
+    return encoder.backend.encode(text, add_special_tokens=False).ids
+
+
+def fuzz_texts(count: int, seed: int) -> list[str]:
+    """Generated hard texts: special tokens and fragments of them, CJK, emoji and ZWJ sequences,
+    combining marks, whitespace runs, digits, control characters, private-use and astral code points,
+    contractions and code, in random mixtures and lengths."""
+    rng = random.Random(seed)
+    specials = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|begin_of_text|>", "<tool_call>",
+                "<|reserved_special_token_5|>", "<|finetune_right_pad_id|>", "<code>"]
+    fragments = [token[:cut] for token in specials for cut in range(1, len(token))] + ["<|", "|>", "<", ">", "|"]
+    pieces = [
+        lambda: rng.choice(specials),
+        lambda: rng.choice(fragments),
+        lambda: "".join(chr(rng.randrange(0x4E00, 0xA000)) for _ in range(rng.randint(1, 12))),  # CJK
+        lambda: "".join(chr(rng.randrange(0x3040, 0x3100)) for _ in range(rng.randint(1, 8))),  # kana
+        lambda: rng.choice(["👨‍👩‍👧‍👦", "🏳️‍🌈", "👍🏽", "🇫🇷", "❤️‍🔥", "🧑🏿‍💻", "😀"]) * rng.randint(1, 3),
+        lambda: rng.choice("aeioun") + "".join(chr(rng.randrange(0x300, 0x370)) for _ in range(rng.randint(1, 5))),
+        lambda: "".join(rng.choice(" \t\n\r\u00a0\u3000\u2028\u200b") for _ in range(rng.randint(1, 40))),
+        lambda: str(rng.randrange(10 ** rng.randint(1, 15))),
+        lambda: "".join(chr(rng.randrange(0, 32)) for _ in range(rng.randint(1, 4))) + "\x7f",
+        lambda: "".join(chr(rng.randrange(0xE000, 0xF900)) for _ in range(rng.randint(1, 4))),  # private use
+        lambda: "".join(chr(rng.randrange(0x10000, 0x10FFFF)) for _ in range(rng.randint(1, 4))),  # astral
+        lambda: rng.choice(["'s", "'T", "'re", "'VE", "'m", "'ll", "'d", "''", "n't"]),
+        lambda: rng.choice(["def f(x):\n    return x", "{\"a\": [1, 2]}", "\\frac{a}{b}", "x**2 + y_1", "<div>"]),
+        lambda: " ".join(rng.choice(["the", "Wait", "naïve", "Ελληνικά", "العربية", "한국어", "ℝ", "∑"]) for _ in range(3)),
+    ]
+    texts = []
+    for _ in range(count):
+        texts.append("".join(rng.choice(pieces)() + rng.choice(["", " ", "\n", "  "]) for _ in range(rng.randint(1, 12))))
+    return texts
+
+
 def test_smollm3_vocab_and_names(encoder):
-    assert encoder.kind == "tiktoken", encoder.fallback_reason
+    assert encoder.kind == "fastokens", encoder.fallback_reason
+    assert encoder.byte_level
     assert encoder.vocab_size == 128_256
     assert encoder.pad_id == 128_004
     token = encoder.backend.token_to_id
@@ -57,42 +96,91 @@ def test_smollm3_vocab_and_names(encoder):
 
 
 @pytest.mark.parametrize("index", range(len(wide_texts())))
-def test_tiktoken_equals_tokenizers(encoder, index):
+def test_fastokens_equals_tokenizers(encoder, index):
     text = wide_texts()[index]
-    reference = encoder.backend.encode(text, add_special_tokens=False).ids
-    assert encoder.encode(text).tolist() == reference
-    ids, starts = encoder.encode_with_starts(text)
-    assert ids.tolist() == reference and len(starts) == len(ids)
+    assert encoder.encode(text).tolist() == reference(encoder, text)
 
 
 def test_encode_batch_equals_encoding_each_text(encoder):
-    """The build tokenizes batches in one call over texts joined by a separator special token; each
-    text must still get exactly its own ids, whatever sits at the seams."""
-    seams = ["", "", "<|im_", "end|>", "<|reserved_special_token_2", "47|>", " " * 7, "\r", "\n\n", "<think>", "'"]
-    texts = wide_texts() + seams
-    rng = random.Random(1)
-    rng.shuffle(texts)
-    expected = [encoder.backend.encode(text, add_special_tokens=False).ids for text in texts]
-    assert [ids.tolist() for ids in encoder.encode_batch([[text] for text in texts])] == expected
-    # a document comes as the parts it concatenates; where they are cut doesn't matter
-    cuts = [sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1))) for text in texts]
-    parts = [[text[a:b] for a, b in zip([0, *cut], [*cut, len(text)])] for text, cut in zip(texts, cuts)]
-    assert ["".join(p) for p in parts] == texts and any(len(p) > 2 for p in parts)
-    assert [ids.tolist() for ids in encoder.encode_batch(parts)] == expected
+    """One fastokens call per batch; each text must still get exactly its own ids."""
+    texts = wide_texts() + ["", "<|im_", "end|>", " " * 7, "\r", "\n\n", "<think>", "'"]
+    random.Random(1).shuffle(texts)
+    ids, offsets, encoded_by = encoder.encode_batch(texts)
+    assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == [reference(encoder, t) for t in texts]
+    assert ids.dtype == np.uint32 and (encoded_by == ENCODED).all()
 
 
-def test_encode_batch_is_one_call_unless_a_text_holds_the_separator(encoder, monkeypatch):
-    calls, real = [], encoder.fast.encode_to_numpy
-    monkeypatch.setattr(encoder.fast, "encode_to_numpy", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    texts = ["a b", "c\n", " d", "<|im_start|>user\nhi<|im_end|>\n"]
-    batch = encoder.encode_batch([[text] for text in texts])
-    assert [ids.tolist() for ids in batch] == [encoder.encode(t).tolist() for t in texts]
-    assert len(calls) == 1 + len(texts)  # the batch, then the reference calls
-    calls.clear()
-    docs = [["x", encoder.separator[:5], encoder.separator[5:] + "y"], ["z"]]  # the separator across two parts
-    expected = [encoder.backend.encode("".join(doc), add_special_tokens=False).ids for doc in docs]
-    assert [ids.tolist() for ids in encoder.encode_batch(docs)] == expected
-    assert len(calls) == 2  # document by document
+def test_fuzz_10000_texts_equal_tokenizers(encoder):
+    texts = fuzz_texts(10_000, seed=11)
+    ids, offsets, encoded_by = encoder.encode_batch(texts)
+    expected = [encoding.ids for encoding in encoder.backend.encode_batch(texts, add_special_tokens=False)]
+    got = [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    mismatches = [k for k in range(len(texts)) if got[k] != expected[k]]
+    assert not mismatches, f"{len(mismatches)} texts differ, first: {texts[mismatches[0]]!r}"
+    assert (encoded_by == ENCODED).all() and sum(map(len, expected)) > 300_000
+
+
+@pytest.mark.parametrize("name", ["word", "repetition", "whitespace", "newlines"])
+def test_pathological_documents_are_exact(encoder, name):
+    """A 1M-character word, deep repetition and long whitespace runs: exact ids (or a counted fallback,
+    which gives the same ids), never an error."""
+    text = {"word": "a" * 1_000_000, "repetition": "ab1 " * 250_000 + "!?" * 100_000,
+            "whitespace": " " * 2_000_000 + "x" + "\t" * 100_000, "newlines": (" " * 500 + "\n") * 2_000}[name]
+    ids, offsets, _ = encoder.encode_batch(["before", text, "after"])
+    assert ids[offsets[1]:offsets[2]].tolist() == reference(encoder, text)
+    assert ids[:offsets[1]].tolist() == reference(encoder, "before")
+
+
+@pytest.mark.slow
+def test_10_mb_of_whitespace_is_exact(encoder):
+    """`tokenizers` itself gives up on long whitespace runs (on 50 MB its Oniguruma regex stops with
+    "retry-limit-in-match over"), so the reference here is its BPE model on the one pre-token that
+    the regex makes of an all-space text (`\\s+(?!\\S)` up to the end): the byte-level "Ġ"s."""
+    num_spaces = 10_000_000
+    expected = [token.id for token in encoder.backend.model.tokenize("Ġ" * num_spaces)]
+    assert encoder.encode(" " * num_spaces).tolist() == expected
+
+
+def pcre2_tokenizer(encoder, tmp_path, monkeypatch):
+    """SmolLM3's tokenizer.json with its pattern changed just enough that fastokens runs it on PCRE2
+    (its Llama-3 pattern has a PCRE2-free matcher), under a match limit a long whitespace run exceeds."""
+    spec = json.loads(encoder.tokenizer_json.read_text())
+    split = spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]
+    split["Regex"] = split["Regex"].replace(r"\p{N}{1,3}", r"\p{N}{1,4}")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("PREP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(prep.tokenizer, "PCRE2_LIMITS", {"pcre2_match_limit": 1000})
+    return Encoder(tmp_path / "tokenizer.json", "pcre2")
+
+
+def test_a_pcre2_limit_falls_back_to_exact_ids(encoder, tmp_path, monkeypatch):
+    pcre2 = pcre2_tokenizer(encoder, tmp_path, monkeypatch)
+    assert pcre2.kind == "fastokens"
+    hostile = " " * 100_000 + "x"
+    with pytest.raises(ValueError, match="match limit"):  # what fastokens itself does
+        pcre2.fast.encode_batch_flat([hostile])
+    texts = ["12345 numbers", hostile, "and more text"]
+    ids, offsets, encoded_by = pcre2.encode_batch(texts)
+    assert encoded_by.tolist() == [ENCODED, FALLBACK, ENCODED]
+    assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == [reference(pcre2, t) for t in texts]
+
+
+def test_ids_that_dont_spell_the_text_fall_back(encoder, monkeypatch):
+    """The bytes guard: if fastokens ever lost or repeated a piece of text, the ids come from tokenizers."""
+    real = encoder.fast
+
+    class Lossy:  # fastokens, except that a text saying "lossy" loses its last token
+        def encode_batch_flat(self, texts):
+            pieces = [np.frombuffer(real.encode_batch_flat([text])[0], np.uint32) for text in texts]
+            pieces = [piece[:-1] if "lossy" in text else piece for piece, text in zip(pieces, texts)]
+            offsets = np.r_[0, np.cumsum([len(piece) for piece in pieces])].astype(np.uint64)
+            return np.concatenate(pieces).tobytes(), offsets.tobytes()
+
+    monkeypatch.setattr(encoder, "fast", Lossy())
+    texts = ["first text", "second text, the lossy one"]
+    ids, offsets, encoded_by = encoder.encode_batch(texts)
+    assert encoded_by.tolist() == [ENCODED, FALLBACK]
+    assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == [reference(encoder, t) for t in texts]
 
 
 def test_base_vocab_equals_meta_llama3_tokenizer(encoder):
@@ -112,8 +200,25 @@ def test_special_token_strings_become_special_ids(encoder):
     assert encoder.decode(ids) == "a<|im_end|>b<think>"
 
 
+def test_token_starts_are_the_bytes_each_token_spells(encoder):
+    """Loss masks find a token by the byte it starts at: each token must spell exactly the text's
+    bytes from there, by Meta's own tokenizer's bytes for the base vocabulary (an independent table)."""
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    meta = Tokenizer.get_instance().model
+    texts = wide_texts() + ["<|im_start|>user\nhi<|im_end|>\n"]
+    ids, offsets, _ = encoder.encode_batch(texts)
+    starts = encoder.token_starts(texts, ids, offsets)
+    joined = "".join(texts).encode()
+    for token_id, start, end in zip(ids.tolist(), starts.tolist(), [*starts[1:].tolist(), len(joined)]):
+        spelled = meta.decode_single_token_bytes(token_id) if token_id < 128_000 \
+            else encoder.backend.id_to_token(token_id).encode()
+        assert joined[start:end] == spelled
+
+
 def test_local_directory_and_fallback(encoder, tmp_path):
-    """--tokenizer DIR loads through the same transformers path; a non-Llama BPE falls back to tokenizers."""
+    """--tokenizer DIR loads through the same transformers path; a tokenizer fastokens can't load
+    (a Whitespace pre-tokenizer) is encoded by tokenizers."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -121,7 +226,7 @@ def test_local_directory_and_fallback(encoder, tmp_path):
 
     load_hf_tokenizer().save_pretrained(tmp_path / "smol")
     local = load_encoder(str(tmp_path / "smol"))
-    assert local.kind == "tiktoken" and local.fingerprint == encoder.fingerprint
+    assert local.kind == "fastokens" and local.fingerprint == encoder.fingerprint
 
     vocab = {"[UNK]": 0, "a": 1, "b": 2, "ab": 3, "c": 4}
     other = Tokenizer(models.BPE(vocab, [("a", "b")], unk_token="[UNK]"))
@@ -129,8 +234,11 @@ def test_local_directory_and_fallback(encoder, tmp_path):
     other.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=other, pad_token="c").save_pretrained(tmp_path / "toy")
     fallback = Encoder(tmp_path / "toy" / "tokenizer.json", "toy")
-    assert fallback.kind == "tokenizers" and "normalizer" in fallback.fallback_reason
-    assert fallback.encode("AB c").tolist() == [3, 4]
+    assert fallback.kind == "tokenizers" and "can't load" in fallback.fallback_reason
+    assert fallback.encode("AB c").tolist() == [3, 4] and not fallback.byte_level
+    ids, offsets, encoded_by = fallback.encode_batch(["AB c", "c ab"])
+    assert ids.tolist() == [3, 4, 4, 3] and (encoded_by == ENCODED).all()  # tokenizers by design, not a failure
+    assert fallback.token_starts(["AB c", "c ab"], ids, offsets).tolist() == [0, 3, 4, 6]
     assert fallback.fingerprint != encoder.fingerprint and fallback.pad_id == 4
 
 
@@ -148,16 +256,16 @@ def test_offline_build_is_cached_and_announced(tmp_path, monkeypatch, capsys):
 
 
 def test_cached_encoder_equals_fresh(encoder, tmp_path, monkeypatch):
-    """The tiktoken ranks cached per tokenizer.json give the same ids as the freshly checked twin."""
+    """What is cached per tokenizer.json (the fastokens verdict, vocabulary facts, token lengths)
+    gives the same encoder as a fresh inspection."""
     monkeypatch.setenv("PREP_CACHE", str(tmp_path))
     fresh = Encoder(encoder.tokenizer_json, "smol")
     cached = Encoder(encoder.tokenizer_json, "smol")
-    assert len(list((tmp_path / "encoders").glob("*.ranks.npz"))) == 1
-    assert _load_ranks(next((tmp_path / "encoders").glob("*.ranks.npz"))) == fresh._ranks
-    assert cached.kind == fresh.kind == "tiktoken" and cached.fingerprint == fresh.fingerprint
-    for text in wide_texts():
-        assert cached.encode(text).tolist() == fresh.encode(text).tolist() == encoder.backend.encode(
-            text, add_special_tokens=False).ids
+    assert len(list((tmp_path / "encoders").glob("*.token-bytes.npy"))) == 1
+    assert np.array_equal(cached.token_bytes, fresh.token_bytes) and cached.token_bytes.sum() > 128_000
+    assert (cached.kind, cached.fingerprint, cached.pad_id) == (fresh.kind, fresh.fingerprint, fresh.pad_id)
+    texts = wide_texts()
+    assert cached.encode_batch(texts)[0].tolist() == fresh.encode_batch(texts)[0].tolist()
 
 
 def test_encode_returns_uint32(encoder):
