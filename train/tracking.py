@@ -8,19 +8,20 @@ Rank 0 starts the trackers after setup with the resolved settings as the run's c
 metrics.jsonl record under transformers' names (train/loss, train/learning_rate, train/grad_norm, ...)
 plus train/loss_per_source/NAME, train/tokens_per_s, train/mfu, ..., so a run of this trainer draws
 next to a TRL run of the recipe. Projects: WANDB_PROJECT, TRACKIO_PROJECT and MLFLOW_EXPERIMENT_NAME,
-else "midtrain"; the run is named after --output.
+else "midtrain"; wandb and MLflow name the run after the --output directory.
 
-A resumed run (`--resume` from the checkpoint of step k) continues the same tracker run, whose id
-OUTPUT/trackers.json keeps. Resume is exact, so a step logged again has the values it had before:
+A resumed run (`--resume` from the checkpoint of step k) continues the same tracker run, which
+OUTPUT/trackers.json names. Resume is exact, so a step logged again has the loss it had before:
   tensorboard  the same OUTPUT/tensorboard/; the new writer purges the stopped process's events of
                steps > k (TensorBoard's purge_step), so every step keeps one point
-  wandb        the same run id (resume="allow"); wandb drops a step at or below the last one it has
-               (steps only increase), so the points the stopped process logged after k stay. Offline
-               (WANDB_MODE=offline) wandb can't resume: it writes a second local run with the same id,
-               which `wandb sync` uploads into the one run
-  trackio      the same run name (resume="allow"); the steps after k appear twice
-  mlflow       the same run id; the steps after k appear twice
-A run that starts over (no checkpoint yet) starts a new tracker run, and a new tensorboard/.
+  wandb        the same run id (resume="allow"); wandb ignores a step below the run's last one, so the
+               points the stopped process logged after k stay. Offline (WANDB_MODE=offline) wandb
+               can't resume: it writes a second local run with the same id, which `wandb sync` joins
+  trackio      the same run name (resume="allow"); steps the stopped process logged after k show twice
+  mlflow       the same run id, with the params of its first start (MLflow refuses to change one);
+               steps logged after k show twice
+Each start gives the others the resolved settings again. A run that starts over (no checkpoint yet)
+starts new tracker runs, and a new tensorboard/.
 """
 
 import datetime
@@ -36,6 +37,7 @@ PROJECT = "midtrain"
 IDS = "trackers.json"
 TRANSFORMERS_NAMES = {"lr": "learning_rate"}  # metrics.jsonl key -> transformers' name of the same number
 RUN_ID = {  # what continues a tracker's run, kept in OUTPUT/trackers.json
+    "tensorboard": lambda tracker: tracker.logging_dir,
     "wandb": lambda tracker: tracker.run.id,
     "trackio": lambda tracker: tracker.run.name,
     "mlflow": lambda tracker: tracker.active_run.info.run_id,
@@ -67,8 +69,8 @@ def backends(report_to: str) -> list[str]:
 
 
 def start_trackers(names: list[str], output: str, step: int, config: dict) -> list:
-    """Rank 0: accelerate's trackers for `names`, started with `config` as the run's config; at a
-    resumed step > 0 they continue the tracker runs whose ids OUTPUT/trackers.json holds."""
+    """Rank 0: accelerate's trackers for `names`, given `config` as the run's config; at a resumed
+    step > 0 they continue the tracker runs that OUTPUT/trackers.json names."""
     if not names:
         return []
     from accelerate import PartialState
@@ -82,22 +84,24 @@ def start_trackers(names: list[str], output: str, step: int, config: dict) -> li
     run_name = Path(output).resolve().name
     trackers = []
     for name in names:
+        continuing = name in ids
         if name == "tensorboard":
-            if not step:  # a run that starts over must not draw over the events of the one before
+            if not continuing:  # a run that starts over must not draw over the events of the one before
                 shutil.rmtree(Path(output) / "tensorboard", ignore_errors=True)
             tracker = TensorBoardTracker("tensorboard", output, purge_step=step + 1)
         elif name == "wandb":
             tracker = WandBTracker(os.environ.get("WANDB_PROJECT", PROJECT), name=run_name, dir=output,
-                                   id=ids.get("wandb"), resume="allow" if "wandb" in ids else None)
+                                   id=ids.get("wandb"), resume="allow" if continuing else None)
         elif name == "trackio":
             tracker = TrackioTracker(os.environ.get("TRACKIO_PROJECT", PROJECT), name=ids.get("trackio"),
                                      resume="allow")
         else:
             tracker = MLflowTracker(PROJECT, run_id=ids.get("mlflow"), run_name=run_name)
         tracker.start()
-        tracker.store_init_configuration(config)
+        if not (continuing and name == "mlflow"):  # MLflow refuses to change a param its run has
+            tracker.store_init_configuration(config)
         trackers.append(tracker)
-    ids = {tracker.name: RUN_ID[tracker.name](tracker) for tracker in trackers if tracker.name in RUN_ID}
+    ids.update({tracker.name: RUN_ID[tracker.name](tracker) for tracker in trackers})
     tmp = ids_file.with_name(IDS + ".tmp")
     tmp.write_text(json.dumps(ids, indent=2) + "\n")
     os.replace(tmp, ids_file)
