@@ -91,6 +91,13 @@ def test_clock_eta_is_this_process_pace_times_the_steps_left():
     assert clock.eta(step=20, total_steps=30) == pytest.approx(20.0, abs=0.5)  # 2 s a step, 10 steps left
 
 
+def test_clock_goes_on_from_the_last_logged_line_at_a_resume(tmp_path):
+    assert Clock.resumed(str(tmp_path), 5).earlier_s == 0.0  # --log-every 10, checkpoint at 5: no line yet
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 4, "elapsed_s": 12.5}) + "\n")
+    assert Clock.resumed(str(tmp_path), 4).earlier_s == 12.5
+    assert Clock.resumed(str(tmp_path), 0).earlier_s == 0.0  # a run that starts over
+
+
 def read_wandb(path: Path):
     """The records of a .wandb file: LevelDB's log format (32 KiB blocks of chunks with a 7-byte header:
     crc, length, type) after wandb's 7-byte file header, each record one of wandb's protobuf Records."""

@@ -149,8 +149,8 @@ class Clock:
     @classmethod
     def resumed(cls, output: str, step: int) -> "Clock":
         """At a resumed step, the clock goes on from the elapsed_s of metrics.jsonl's last line (the
-        trainer has cut it back to that step)."""
-        records = read_metrics(output) if step else []
+        trainer has cut it back to that step); with --log-every above the step, there is none yet."""
+        records = read_metrics(output) if step and (Path(output) / "metrics.jsonl").exists() else []
         return cls(step, records[-1]["elapsed_s"] if records else 0.0)
 
     def elapsed(self) -> float:
