@@ -72,3 +72,15 @@ def corpus(tmp_path_factory):
     a = write_jsonl(root / "a.jsonl", [smoltalk_row(rng, i, rng.randint(20, 600)) for i in range(160)])
     b = write_jsonl(root / "b.jsonl", [smoltalk_row(rng, i, rng.randint(100, 1500)) for i in range(120)])
     return {"a": a, "b": b}
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """The trainer's tests' shards: the real `prep build` of the embedded sample at seq_len 256 (a CPU step of
+    the tiny model takes ~0.3 s), built once per session. A test module with its own `shards` uses that."""
+    from prep.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("shards")
+    build(BuildConfig(mix="nemotron=0.5,ot3=0.5", sample=True, out=str(out), seq_len=256, max_tokens=60_000,
+                      overwrite=True, progress=False), log=lambda msg: None)
+    return out

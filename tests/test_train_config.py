@@ -81,8 +81,9 @@ def test_handbook_recipe_sets_every_field_it_names_and_warns_once(tmp_path):
     assert (cfg.activation_checkpointing, cfg.liger, cfg.precision, cfg.seq_len) == (True, True, "bf16", 32768)
     assert (cfg.output, cfg.save_every, cfg.keep_last, cfg.log_every) == ("data/SmolLM3-Mid", 0.05, 1, 1)
     assert cfg.trust_remote_code is False  # only the command line can allow remote code
+    assert cfg.report_to == "wandb"
     assert len(warnings) == 1
-    for key in ("dataset_mixture", "push_to_hub", "hub_strategy", "report_to", "run_name", "trust_remote_code"):
+    for key in ("dataset_mixture", "push_to_hub", "hub_strategy", "run_name", "trust_remote_code"):
         assert key in warnings[0]
     for used in ("learning_rate", "num_train_epochs", "lr_scheduler_kwargs", "packing", "max_length"):
         assert used not in warnings[0].replace("trust_remote_code", "")

@@ -21,16 +21,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 RUN = ["--model-config", "tiny", "--lr", "3e-3", "--warmup-ratio", "0.1", "--grad-accum", "2"]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from prep.build import BuildConfig, build
-
-    out = tmp_path_factory.mktemp("shards")
-    build(BuildConfig(mix="nemotron=0.5,ot3=0.5", sample=True, out=str(out), seq_len=256, max_tokens=60_000,
-                      overwrite=True, progress=False), log=lambda msg: None)
-    return out
-
-
 def metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 

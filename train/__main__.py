@@ -27,6 +27,7 @@ from train.parallel import (
     all_reduce_sum, autocast, clip_grad_norm, grad_sync, init_distributed, parallelize, resolve_dist,
     resolve_precision, unwrap,
 )
+from train.tracking import Clock, backends, finish_trackers, hms, log_metrics, start_trackers
 
 ANOTHER_RANK = "another rank refused the shards (its error is printed above); run `prep verify`"
 
@@ -136,9 +137,9 @@ def train_step(module, optimizer, micro_batches, plan: Plan, grad_clip: float) -
 
 
 def log_step(step: int, loader: Loader, micro_batches, loss_sums: torch.Tensor, grad_norm: float, lr: float,
-             seconds: float, module, plan: Plan, output: str) -> dict:
-    """Reduce this step's numbers over the ranks (one all-reduce), append them to metrics.jsonl on
-    rank 0 and print one line; returns the record."""
+             seconds: float, module, plan: Plan, output: str, trackers: list, clock: Clock) -> dict:
+    """Reduce this step's numbers over the ranks (one all-reduce); on rank 0, append them to metrics.jsonl,
+    log them to the trackers and print one line with the elapsed time and the ETA; returns the record."""
     counts = sum(b.source_targets for b in micro_batches)
     tokens = sum(b.num_tokens for b in micro_batches)
     doc_len_sq = sum(b.doc_len_sq for b in micro_batches)
@@ -155,15 +156,17 @@ def log_step(step: int, loader: Loader, micro_batches, loss_sums: torch.Tensor, 
                             for s, name in enumerate(plan.source_names)},
         "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / seconds,
         "mfu": flops_per_s / (plan.peak_flops * plan.world_size) if plan.peak_flops else None,
-        "peak_mem_gb": peak_memory_gb(plan.device), "step_s": seconds,
+        "peak_mem_gb": peak_memory_gb(plan.device), "step_s": seconds, "elapsed_s": clock.elapsed(),
     }
     if plan.rank == 0:
         append_metrics(output, record)
+        log_metrics(trackers, record)
     per_source = " ".join(f"{k} {v:.4f}" for k, v in record["loss_per_source"].items() if v is not None)
     mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "-"
     print0(plan.rank, f"step {step}/{plan.total_steps} | loss {record['loss']:.4f} | {per_source} | lr {lr:.2e} | "
                       f"grad norm {grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
-                      f"mem {record['peak_mem_gb']:.2f} GB")
+                      f"mem {record['peak_mem_gb']:.2f} GB | {hms(record['elapsed_s'])} elapsed, "
+                      f"eta {hms(clock.eta(step, plan.total_steps))}")
     return record
 
 
@@ -173,7 +176,12 @@ def print0(rank: int, message: str) -> None:
 
 
 def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> None:
+    report_to = backends(cfg.report_to)  # a tracker that isn't installed is refused before any work
     module, optimizer, loader, step, plan = setup(cfg, rank, world_size, device)
+    resolved = {**asdict(cfg), "world_size": world_size, "dist": plan.mode, "precision": plan.precision,
+                "liger": plan.liger, "params": plan.params, "total_steps": plan.total_steps}
+    trackers = start_trackers(report_to, cfg.output, step, resolved) if rank == 0 else []
+    clock = Clock.resumed(cfg.output, step) if rank == 0 else Clock(step)
     while step < plan.total_steps:
         started = time.perf_counter()
         lr = lr_at(step, plan.total_steps, cfg)
@@ -185,7 +193,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
 
         if step % cfg.log_every == 0 or step == plan.total_steps:
             log_step(step, loader, micro_batches, loss_sums, grad_norm, lr, time.perf_counter() - started,
-                     module, plan, cfg.output)
+                     module, plan, cfg.output, trackers, clock)
         stopping = step == cfg.stop_after and step < plan.total_steps
         if (plan.save_interval and step % plan.save_interval == 0) or stopping:
             path = save(cfg.output, step, module, optimizer, loader, asdict(cfg), rank, world_size, device,
@@ -193,10 +201,12 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
             print0(rank, f"saved {path}")
         if stopping:
             print0(rank, f"stopped after step {step} (--stop-after); continue with --resume")
+            finish_trackers(trackers)
             return
     path = export(cfg.output, module, plan.tokenizer,
                   torch.bfloat16 if cfg.export_dtype == "bf16" else torch.float32, rank)
     print0(rank, f"exported {path}: AutoModelForCausalLM.from_pretrained('{path}')")
+    finish_trackers(trackers)
 
 
 def main(argv=None) -> int:

@@ -101,6 +101,9 @@ class TrainConfig:
     """Start over in an --output that holds an earlier run: deletes its checkpoints, metrics and model."""
     log_every: int = 1
     """Print and append to metrics.jsonl every N steps (handbook: logging_steps)."""
+    report_to: str = "none"
+    """Also log every metrics.jsonl line to: tensorboard (under --output), wandb, trackio, mlflow, comma-separated;
+all = every one installed; none = metrics.jsonl only (handbook: report_to)."""
     export_dtype: Literal["bf16", "fp32"] = "bf16"
     """dtype of the exported Hugging Face model: bf16 or fp32."""
     verify_hashes: bool = True
@@ -192,6 +195,8 @@ def read_recipe(path: str) -> tuple[dict, list[str]]:
             unused.append("trust_remote_code (pass --trust-remote-code on the command line to allow it)")
         elif key == "warmup_steps":  # transformers 5 folded warmup_ratio into it: below 1 it is a ratio
             ours["warmup_ratio" if isinstance(value, float) and value < 1 else "warmup_steps"] = value
+        elif key == "report_to":  # transformers takes a list or one name
+            ours["report_to"] = ",".join(value) if isinstance(value, list) else value
         elif key in RECIPE_KEYS:
             ours[RECIPE_KEYS[key]] = value
         elif key in names and key != "recipe":
