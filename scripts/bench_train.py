@@ -78,6 +78,7 @@ def ours_worker(args) -> None:
 def trl_worker(args) -> None:
     """In its own process: SFTTrainer on our rows, in our order, with the same per-step clocks."""
     import numpy as np
+    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -85,7 +86,9 @@ def trl_worker(args) -> None:
     from prep.tokenizer import load_hf_tokenizer
     from train.config import TrainConfig
     from train.data import Loader, PackedShards
-    from train.model import build_model
+    from transformers import AutoModelForCausalLM
+
+    from train.model import model_config
 
     cfg = TrainConfig(shards=args.shards, model_config="tiny", lr=args.lr, grad_accum=args.grad_accum,
                       activation_checkpointing=False)  # SFTConfig switches it on, the Trainer's way
@@ -99,7 +102,8 @@ def trl_worker(args) -> None:
     })
     step_tokens = [sum(int(r.doc_lens.sum()) for r in rows[s * args.grad_accum:(s + 1) * args.grad_accum])
                    for s in range(args.steps)]
-    model = build_model(cfg, device=__import__("torch").device("cpu"))  # same seed, same init as ours
+    torch.manual_seed(cfg.seed)  # the seeded init of train.model.full_weights: the same weights as ours
+    model = AutoModelForCausalLM.from_config(model_config(cfg), attn_implementation="sdpa", dtype=torch.float32)
     tokenizer = load_hf_tokenizer(shards.manifest["tokenizer"]["name"])
 
     class Clock(TrainerCallback):

@@ -8,28 +8,39 @@ import pytest
 from prep.settings import field_choices, field_docs
 from train.config import TrainConfig, parse_args
 
-# recipes/smollm3/sft/mid.yaml of the alignment-handbook, as published.
-HANDBOOK_MID = """\
-# Config for 8 nodes, with GBS 128
+# recipes/smollm3/sft/mid.yaml of the alignment-handbook (huggingface/alignment-handbook, commit 19f0345),
+# byte for byte: `--recipe` must take the file as published.
+HANDBOOK_MID = r'''# Config for 8 nodes, with GBS 128
+# Model arguments
 model_name_or_path: HuggingFaceTB/SmolLM3-3B-Base
 model_revision: main
 torch_dtype: bfloat16
 attn_implementation: flash_attention_2
 trust_remote_code: true
-chat_template: "{%- for message in messages -%}..."
+
+# Data training arguments
+chat_template: "{%- for message in messages -%}\n    {{- \"<|im_start|>\" + message.role + \"\\n\" + message.content + \"<|im_end|>\" + \"\\n\" -}}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n\t{{- \"<|im_start|>assistant\\n\" -}}\n{%- endif -%}"
 dataset_mixture:
-  datasets:
+  datasets:                     
+    - id: HuggingFaceTB/smoltalk2 
+      config: Mid 
+      split: Llama_Nemotron_Post_Training_Dataset_reasoning_r1            
+      columns:
+        - messages
+      weight: 1.0
     - id: HuggingFaceTB/smoltalk2
       config: Mid
-      split: Llama_Nemotron_Post_Training_Dataset_reasoning_r1
+      split: OpenThoughts3_1.2M         
       columns:
         - messages
       weight: 1.0
   seed: 0
 dataset_num_proc: 48
 eos_token: <|im_end|>
+
+# SFT trainer config
 bf16: true
-ddp_timeout: 14400
+ddp_timeout: 14400 # avoid nccl errors when tokenizing large datasets
 do_eval: false
 eval_strategy: 'no'
 gradient_accumulation_steps: 2
@@ -56,14 +67,20 @@ push_to_hub: true
 report_to:
 - wandb
 save_strategy: steps
-save_steps: 0.05
+save_steps: 0.05 # save every 0.25 epochs
 save_total_limit: 1
 seed: 42
 use_liger_kernel: true
 warmup_ratio: 0.03
 run_name: smollm3-midtraining
-average_tokens_across_devices: true
-"""
+average_tokens_across_devices: true'''
+
+# The handbook recipe's numbers, read off that file (and transformers' TrainingArguments defaults for the
+# AdamW settings it doesn't name): what the defaults of TrainConfig must be with no YAML at all.
+HANDBOOK_NUMBERS = {"model": "HuggingFaceTB/SmolLM3-3B-Base", "lr": 2.0e-05, "min_lr_ratio": 0.1, "warmup_ratio": 0.03,
+                    "grad_clip": 0.2, "epochs": 5, "max_steps": -1, "batch_size": 1, "grad_accum": 2, "seed": 42,
+                    "activation_checkpointing": True, "liger": True, "save_every": 0.05, "log_every": 1,
+                    "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
 
 
 def recipe(tmp_path, text):
@@ -89,13 +106,16 @@ def test_handbook_recipe_sets_every_field_it_names_and_warns_once(tmp_path):
         assert used not in warnings[0].replace("trust_remote_code", "")
 
 
-def test_recipe_defaults_equal_the_dataclass_defaults():
-    # The dataclass *is* the handbook recipe: the same numbers with no YAML at all.
+def test_defaults_are_the_handbook_recipe():
     cfg = TrainConfig(shards="s")
-    assert (cfg.lr, cfg.min_lr_ratio, cfg.warmup_ratio, cfg.grad_clip, cfg.epochs, cfg.batch_size, cfg.grad_accum,
-            cfg.seed, cfg.activation_checkpointing, cfg.liger) == (2e-5, 0.1, 0.03, 0.2, 5, 1, 2, 42, True, True)
+    assert {name: getattr(cfg, name) for name in HANDBOOK_NUMBERS} == HANDBOOK_NUMBERS
     assert cfg.save_interval(1000) == 50 and TrainConfig(save_every=7).save_interval(1000) == 7
     assert TrainConfig(save_every=0).save_interval(1000) == 0
+
+
+def test_the_handbook_file_sets_the_same_numbers(tmp_path):
+    cfg = parse_args(["--shards", "s", "--recipe", recipe(tmp_path, HANDBOOK_MID)], warn=lambda m: None)
+    assert {name: getattr(cfg, name) for name in HANDBOOK_NUMBERS} == HANDBOOK_NUMBERS
 
 
 def test_flags_win_over_the_recipe_and_yaml_strings_are_coerced(tmp_path):

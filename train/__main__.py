@@ -19,9 +19,11 @@ import torch.distributed as dist
 from train.checkpoint import append_metrics, export, load_latest, prepare_output, save, write_settings
 from train.config import TrainConfig, parse_args
 from train.data import Loader, PackedShards
+from train.memory import print_estimate
 from train.model import (
-    TrainModule, apply_liger, build_model, check_tokenizer, check_vocab, chunked_linear_cross_entropy,
-    liger_linear_cross_entropy, model_tokenizer, num_params, peak_flops, step_flops,
+    TrainModule, apply_liger, attention_kind, build_meta_model, check_tokenizer, check_vocab,
+    chunked_linear_cross_entropy, compile_layers, enable_activation_checkpointing, full_weights,
+    liger_linear_cross_entropy, model_config, model_tokenizer, num_params, peak_flops, step_flops,
 )
 from train.parallel import (
     all_reduce_sum, autocast, clip_grad_norm, grad_sync, init_distributed, parallelize, resolve_dist,
@@ -48,6 +50,13 @@ class Plan:
     peak_flops: float | None  # of one device; None = unknown (no MFU)
     source_names: list[str]
     tokenizer: object  # the model's transformers tokenizer, exported with the model
+    build_id: str  # of the shards (manifest["build_id"]): a resume refuses shards that were rebuilt
+
+    def settings(self, cfg: TrainConfig) -> dict:
+        """What settings.json and every checkpoint keep: the flags, plus what they resolved to on this machine."""
+        return {**asdict(cfg), "build_id": self.build_id,
+                "resolved": {"mode": self.mode, "precision": self.precision, "total_steps": self.total_steps,
+                             "world_size": self.world_size, "liger": self.liger}}
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -89,30 +98,44 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
     tokenizer_name, tokenizer = model_tokenizer(cfg, shards.manifest)
     check_tokenizer(shards.manifest, cfg.shards, tokenizer_name, tokenizer)
     precision, mode = resolve_precision(cfg.precision, device), resolve_dist(cfg.dist, world_size)
-    hf_model = build_model(cfg, device)
-    check_vocab(shards.manifest, cfg.shards, hf_model.config.vocab_size)
-    liger = cfg.liger and device.type == "cuda" and apply_liger(hf_model)
-    params = num_params(hf_model)
-    module = TrainModule(hf_model, len(shards.source_names),
-                         liger_linear_cross_entropy() if liger else chunked_linear_cross_entropy)
-    module = parallelize(module, mode, precision, device)
+    config = model_config(cfg)
+    check_vocab(shards.manifest, cfg.shards, config.vocab_size)
+    attn = attention_kind(cfg.attn, device)
+    module, liger = build_module(cfg, config, attn, len(shards.source_names), device)
+    module = parallelize(module, mode, precision, device, rank, world_size, lambda: full_weights(cfg, config, attn))
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     loader = Loader(shards, cfg.batch_size, cfg.grad_accum, rank, world_size, cfg.seed,
                     pin_memory=device.type == "cuda")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * loader.steps_per_epoch
+    params = num_params(unwrap(module).model)
     plan = Plan(rank, world_size, device, mode, precision, liger, params, total_steps,
-                cfg.save_interval(total_steps), peak_flops(device, cfg.peak_tflops), shards.source_names, tokenizer)
-    step = load_latest(cfg.output, module, optimizer, loader, rank, world_size, device) if cfg.resume else 0
+                cfg.save_interval(total_steps), peak_flops(device, cfg.peak_tflops), shards.source_names, tokenizer,
+                shards.manifest.get("build_id", ""))
+    step = load_latest(cfg.output, module, optimizer, loader, rank, world_size, device,
+                       plan.build_id) if cfg.resume else 0
     if rank == 0:
-        write_settings(cfg.output, asdict(cfg), step)
+        write_settings(cfg.output, plan.settings(cfg), step)
     print0(rank, f"{'resuming at step ' + str(step) if step else 'starting'}: {len(shards)} sequences of "
            f"{shards.seq_len} tokens from {', '.join(shards.source_names)}; {params / 1e6:.1f}M parameters; "
-           f"{world_size} x {device.type} ({mode}, {precision}, attn {hf_model.config._attn_implementation}, "
-           f"liger {'on' if liger else 'off'}); {loader.steps_per_epoch} steps per epoch, {total_steps} steps; "
+           f"{world_size} x {device.type} ({mode}, {precision}, attn {attn}, liger {'on' if liger else 'off'}, "
+           f"compile {'on' if cfg.compile else 'off'}); {loader.steps_per_epoch} steps per epoch, {total_steps} steps; "
            f"{loader.rows_per_step} sequences per step")
     return module, optimizer, loader, step, plan
+
+
+def build_module(cfg: TrainConfig, config, attn: str, num_sources: int, device: torch.device):
+    """The model on the meta device, then Liger's kernels (CUDA), activation checkpointing and compile,
+    inside its loss head: torchtitan's order up to parallelize(). Returns (module, liger applied)."""
+    hf_model = build_meta_model(config, attn, cfg.trust_remote_code)
+    liger = cfg.liger and device.type == "cuda" and apply_liger(hf_model)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(hf_model)
+    if cfg.compile:
+        compile_layers(hf_model)
+    head = liger_linear_cross_entropy() if liger else chunked_linear_cross_entropy
+    return TrainModule(hf_model, num_sources, head), liger
 
 
 def train_step(module, optimizer, micro_batches, plan: Plan, grad_clip: float) -> tuple[torch.Tensor, float]:
@@ -196,7 +219,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
                      module, plan, cfg.output, trackers, clock)
         stopping = step == cfg.stop_after and step < plan.total_steps
         if (plan.save_interval and step % plan.save_interval == 0) or stopping:
-            path = save(cfg.output, step, module, optimizer, loader, asdict(cfg), rank, world_size, device,
+            path = save(cfg.output, step, module, optimizer, loader, plan.settings(cfg), rank, world_size, device,
                         cfg.keep_last)
             print0(rank, f"saved {path}")
         if stopping:
@@ -212,6 +235,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
+        if cfg.estimate_memory:
+            return print_estimate(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

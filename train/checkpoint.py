@@ -3,7 +3,9 @@
 OUTPUT/checkpoints/step-00000100/
   .metadata, __0_0.distcp, ...  model and AdamW state, each rank writing its own shards (DCP)
   rng-00000.pt, ...             each rank's torch RNG states
-  train_state.json              step, data position, settings, world size: written last
+  train_state.json              step, data position, world size, and the settings: the flags, the shards'
+                                build id and what the flags resolved to (mode, precision, total steps);
+                                written last
 A checkpoint is written under `step-00000100.tmp/` and renamed when every rank has finished, so a
 directory without the suffix is complete; `--resume` takes the newest one and deletes leftovers.
 The learning rate is a function of the step (`lr_at`), so the step is the scheduler's whole state.
@@ -117,10 +119,12 @@ def save(output: str, step: int, module, optimizer, loader, settings: dict, rank
     return final
 
 
-def load_latest(output: str, module, optimizer, loader, rank: int, world_size: int, device: torch.device) -> int:
+def load_latest(output: str, module, optimizer, loader, rank: int, world_size: int, device: torch.device,
+                build_id: str) -> int:
     """Restore the newest complete checkpoint into module, optimizer, loader and RNG; returns its step.
     With none yet (a run killed before its first save), 0: the run starts over, as it would fresh,
-    so a restart script can always pass --resume."""
+    so a restart script can always pass --resume. Shards of another build than the checkpoint's
+    (`build_id`) are refused: the same row numbers would be other sequences."""
     found = complete_checkpoints(output)
     if rank == 0:  # a killed save leaves a .tmp directory behind
         for leftover in checkpoints_dir(output).glob("step-*.tmp"):
@@ -130,6 +134,10 @@ def load_latest(output: str, module, optimizer, loader, rank: int, world_size: i
         return 0
     path = found[-1]
     state = json.loads((path / "train_state.json").read_text())
+    saved_build = state["settings"].get("build_id")
+    if saved_build != build_id:
+        raise ValueError(f"{path} was trained on shards of build {saved_build}, but --shards holds build {build_id}: "
+                         "resume with the shards it was trained on, or start a new run in another --output")
     if state["world_size"] != world_size:
         raise ValueError(f"{path} was saved by {state['world_size']} processes, this run has {world_size}: "
                          f"resume with --nproc-per-node {state['world_size']}")

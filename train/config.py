@@ -91,6 +91,16 @@ class TrainConfig:
     """On CUDA, Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy); ignored on CPU."""
     attn: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
     """Attention kernel: auto (flex_attention on CUDA, sdpa on CPU), sdpa, flex_attention or eager."""
+    compile: bool = False
+    """torch.compile each decoder layer (the first steps pay for the compilation)."""
+    estimate_memory: bool = False
+    """Print the peak GPU memory per rank of these settings, part by part, and exit: nothing is allocated."""
+    world_size: int = 1
+    """With --estimate-memory: the number of GPUs to plan for (FSDP over them when above 1)."""
+    gpu_memory: float = 141.0
+    """With --estimate-memory: GB of memory of one GPU, to say whether the peak fits (H200: 141)."""
+    json: bool = False
+    """With --estimate-memory: print one JSON object (peak_gb, its parts, fits) instead of a table."""
     save_every: float = 0.05
     """Checkpoint every N steps; below 1, a fraction of the run, as the handbook's save_steps: 0.05; 0 = never."""
     keep_last: int = 2
@@ -115,7 +125,7 @@ all = every one installed; none = metrics.jsonl only (handbook: report_to)."""
 
     def check(self) -> None:
         """Every mistake a user can make in the settings, before any work starts."""
-        if not self.shards:
+        if not self.shards and not self.estimate_memory:
             raise ValueError("--shards DIR is required: the output directory of `prep build`")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --output and --overwrite deletes it: pass one of them")

@@ -23,6 +23,9 @@ from torch import nn
 # as in SmolLM3, tied embeddings. 8.5M parameters, 8.2M of them the embedding.
 TINY = dict(vocab_size=128256, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=65536, tie_word_embeddings=True, use_cache=False)
+# --model-config NAME. transformers' SmolLM3Config() defaults are SmolLM3-3B: hidden 2048, 36 layers, 16 heads,
+# 4 KV heads, intermediate 11008, vocab 128256, NoPE every 4th layer, tied embeddings (3.08B parameters).
+NAMED_CONFIGS = {"tiny": TINY, "smollm3-3b": dict(use_cache=False)}
 CHUNK_TOKENS = 1024
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                     "B200": 2250.0, "GH200": 989.0}  # dense, per GPU
@@ -35,39 +38,69 @@ def attention_kind(requested: str, device: torch.device) -> str:
     return "flex_attention" if device.type == "cuda" else "sdpa"
 
 
-def build_model(cfg, device: torch.device):
-    """The Hugging Face causal LM, in fp32 on CPU: parallelize() moves it and FSDP casts it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(cfg):
+    """The transformers config of the model to train: --model-config (a name of NAMED_CONFIGS or a config.json),
+    else --model's own config.json (a few kB, read by every rank)."""
+    from transformers import AutoConfig, SmolLM3Config
 
-    attn = attention_kind(cfg.attn, device)
-    torch.manual_seed(cfg.seed)  # every rank builds the same random init; FSDP shards it, DDP checks it
-    if cfg.model_config:
-        if cfg.model_config == "tiny":
-            from transformers import SmolLM3Config
-
-            config = SmolLM3Config(**TINY)
-        elif Path(cfg.model_config).is_file():
-            config = AutoConfig.from_pretrained(cfg.model_config, trust_remote_code=cfg.trust_remote_code)
-        else:
-            raise ValueError(f"--model-config {cfg.model_config!r}: give 'tiny' or the path of a config.json")
-        config.use_cache = False
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32,
-                                                 trust_remote_code=cfg.trust_remote_code)
+    if cfg.model_config in NAMED_CONFIGS:
+        config = SmolLM3Config(**NAMED_CONFIGS[cfg.model_config])
+    elif cfg.model_config:
+        if not Path(cfg.model_config).is_file():
+            raise ValueError(f"--model-config {cfg.model_config!r}: give {' or '.join(NAMED_CONFIGS)} or the path of a config.json")
+        config = AutoConfig.from_pretrained(cfg.model_config, trust_remote_code=cfg.trust_remote_code)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=attn, dtype=torch.float32,
-                                                         trust_remote_code=cfg.trust_remote_code)
+            config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
         except OSError as e:
             raise ValueError(f"can't load --model {cfg.model}: {str(e).splitlines()[0]} "
                              "(pass a local model directory, or --model-config tiny for a random model)") from None
-    model.config.use_cache = False  # see the module docstring: a cache switches document isolation off
-    if cfg.activation_checkpointing:
-        # Non-reentrant: composes with FSDP2 and DDP. Newer transformers renamed gradient_ to activation_.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config.use_cache = False  # see the module docstring: a cache switches document isolation off
+    return config
+
+
+def build_meta_model(config, attn: str, trust_remote_code: bool = False):
+    """The causal LM with its parameters on the meta device (nothing allocated) and its buffers real: the
+    rotary frequencies are computed at construction and are in no checkpoint, so they can't come later."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    model.tie_weights()  # init_empty_weights registers a new meta tensor for each name, which unties lm_head
+    model.config.use_cache = False
     return model
+
+
+def full_weights(cfg, config, attn: str) -> dict:
+    """The full state dict that rank 0 loads and every rank receives its shard of: --model's weights as
+    `from_pretrained` reads them, kept in the checkpoint's dtype (bf16 for SmolLM3: 6 GB, not 12), or
+    the seeded random init of --model-config, drawn from a forked RNG so that the ranks' RNGs stay equal."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.model_config:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=attn, dtype="auto",
+                                                     trust_remote_code=cfg.trust_remote_code)
+    return model.state_dict()
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward. Non-reentrant: composes with FSDP2, DDP and compile;
+    transformers checkpoints the layer's forward, so FSDP2's hooks stay outside the recomputation."""
+    model.activation_checkpointing_enable({"use_reentrant": False})
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer in place: the layers share one compiled graph, and the state-dict
+    keys don't change (no `_orig_mod.`), so checkpoints and exports are the same with and without."""
+    for layer in model.model.layers:
+        layer.compile()
 
 
 def model_tokenizer(cfg, manifest: dict):
@@ -187,20 +220,22 @@ class TrainModule(nn.Module):
         # attention_mask=None and use_cache=False: the packed-sequence (document) mask comes from position_ids.
         out = self.model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
         hidden = out.last_hidden_state.flatten(0, 1)
-        labels, label_sources = labels.flatten(), label_sources.flatten()
-        weight = self.model.lm_head.weight
-        sums = []
-        for s in range(self.num_sources):
-            idx = (label_sources == s).nonzero().squeeze(1)
-            if idx.numel():
-                sums.append(self.linear_cross_entropy(hidden.index_select(0, idx), weight, labels.index_select(0, idx)))
-            else:
-                sums.append(hidden.new_zeros((), dtype=torch.float32))
-        per_source = torch.stack(sums)
+        labels, weight = labels.flatten(), self.model.lm_head.weight
+        if label_sources is None:  # every label is a target of source 0: no data-dependent shapes (train.memory)
+            per_source = self.linear_cross_entropy(hidden, weight, labels)[None]
+        else:
+            per_source = torch.stack([self.source_loss(hidden, weight, labels, label_sources.flatten() == s)
+                                      for s in range(self.num_sources)])
         # A micro-batch without targets (an epoch's empty tail rows) still gives every parameter a
         # (zero) gradient, so DDP's and FSDP's gradient reductions line up across ranks.
         total = per_source.sum() + 0.0 * (hidden.sum() + weight.sum())
         return total, per_source.detach()
+
+    def source_loss(self, hidden, weight, labels, of_source):
+        idx = of_source.nonzero().squeeze(1)
+        if not idx.numel():
+            return hidden.new_zeros((), dtype=torch.float32)
+        return self.linear_cross_entropy(hidden.index_select(0, idx), weight, labels.index_select(0, idx))
 
 
 def num_params(model) -> int:

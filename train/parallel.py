@@ -1,17 +1,21 @@
 """Processes, devices and data parallelism: torchrun's environment -> process group; DDP or FSDP2.
 
-FSDP2 (`fully_shard`) goes on each decoder layer, then on the root module (embedding, final norm and
-the tied lm_head, plus the loss head that uses it), in torchtitan's order. Parameters are kept in
-fp32 and sharded; with bf16 each layer's are all-gathered in bf16 and gradients reduce-scattered in
-fp32. DDP keeps a full fp32 copy per rank and runs the forward under bf16 autocast: fine for small
+The model arrives with its parameters on the meta device. FSDP2 (`fully_shard`) goes on each decoder
+layer, then on the root module (embedding, final norm and the tied lm_head, plus the loss head that
+uses it), in torchtitan's order; only then is memory allocated, and rank 0's weights are broadcast
+into the shards. Parameters are kept in fp32 and sharded; with bf16 each layer's are all-gathered in
+bf16 and gradients reduce-scattered in fp32. DDP keeps a full fp32 copy per rank and runs the forward under bf16 autocast: fine for small
 models, and the reference FSDP is tested against.
 """
 
 import os
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -41,22 +45,51 @@ def resolve_dist(mode: str, world_size: int) -> str:
     return "fsdp" if mode == "auto" else mode
 
 
-def parallelize(module: torch.nn.Module, mode: str, precision: str, device: torch.device) -> torch.nn.Module:
-    """Move `module` to `device` and wrap it for `mode` (none, ddp, fsdp)."""
+def parallelize(module: torch.nn.Module, mode: str, precision: str, device: torch.device, rank: int, world_size: int,
+                full_state: Callable[[], dict]) -> torch.nn.Module:
+    """From a module whose parameters are on the meta device to one ready to train, in torchtitan's order:
+    FSDP2 per decoder layer and on the root (fsdp), materialization on `device`, the weights, then DDP.
+    Only rank 0 calls `full_state()`; every other rank receives its shard (fsdp) or its copy (ddp) of
+    each tensor by broadcast, one tensor at a time, so it never holds the whole model in host memory."""
     if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None, reduce_dtype=torch.float32)
-        for layer in module.model.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        # The root's parameters (embedding = lm_head, 263M of SmolLM3-3B's 3.1B) are needed again right at
-        # the start of backward by the loss head, so they stay gathered between forward and backward.
-        fully_shard(module, mp_policy=mp, reshard_after_forward=False)
-        return module.to(device)
-    module = module.to(device)
+        shard(module, precision)
+    materialize(module, device)
+    hf_model = module.model
+    if world_size == 1:
+        hf_model.load_state_dict(full_state())
+    else:
+        set_model_state_dict(hf_model, full_state() if rank == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     if mode == "ddp":
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     return module
+
+
+def shard(module: torch.nn.Module, precision: str, mesh=None) -> None:
+    """FSDP2 on each decoder layer, then on the root; `mesh`: the default one of the process group."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None, reduce_dtype=torch.float32)
+    for layer in module.model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    # The root's parameters (embedding = lm_head, 263M of SmolLM3-3B's 3.1B) are needed again right at
+    # the start of backward by the loss head, so they stay gathered between forward and backward.
+    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def materialize(module: torch.nn.Module, device: torch.device) -> None:
+    """Allocate the meta parameters on `device`, uninitialized (the weights come next). `to_empty` also
+    empties the buffers, which were built real (the rotary frequencies), so they are put back; and
+    outside FSDP it allocates lm_head and the embedding apart, so they are tied again."""
+    buffers = {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
+    if isinstance(module, FSDPModule):
+        module.to_empty(device=device)
+    else:  # what to_empty does, without the tensor swap that fake tensors (train.memory) refuse
+        for owner in module.modules():
+            for name, param in owner.named_parameters(recurse=False):
+                setattr(owner, name, torch.nn.Parameter(torch.empty_like(param, device=device), param.requires_grad))
+    module.model.tie_weights()
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            buffer.copy_(buffers[name])
 
 
 def autocast(mode: str, precision: str, device: torch.device):
