@@ -4,6 +4,8 @@ tests' own reader of shards (plain pyarrow, independent of prep.shards' reader).
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -84,3 +86,41 @@ def shards(tmp_path_factory):
     build(BuildConfig(mix="nemotron=0.5,ot3=0.5", sample=True, out=str(out), seq_len=256, max_tokens=60_000,
                       overwrite=True, progress=False), log=lambda msg: None)
     return out
+
+
+# The trainer's end-to-end tests: the tiny model on `shards`, one process in this one or N under torchrun.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+RUN = ["--model-config", "tiny", "--lr", "3e-3", "--warmup-ratio", "0.1", "--grad-accum", "2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train"]
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "train"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "train"]
+    out = subprocess.run(launcher + args, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def single_run(shards, tmp_path_factory) -> Path:
+    """The reference of one process, run in this process: 8 steps of the tiny model, no checkpoint."""
+    from train.__main__ import main
+
+    output = tmp_path_factory.mktemp("single") / "run"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    assert main(["--shards", str(shards), *RUN, "--max-steps", "8", "--save-every", "0", "--output", str(output)]) == 0
+    return output
+
+
+@pytest.fixture(scope="session")
+def fsdp_run(shards, tmp_path_factory) -> Path:
+    """The reference of two processes: 6 FSDP2 steps over gloo, no checkpoint."""
+    output = tmp_path_factory.mktemp("fsdp") / "run"
+    train_cli(["--shards", str(shards), *RUN, "--max-steps", "6", "--save-every", "0", "--dist", "fsdp",
+               "--output", str(output)], nproc=2)
+    return output

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,32 +17,8 @@ import torch
 
 from prep.shards import BUILD_ID_KEY
 
+from conftest import ENV, RUN, TORCHRUN, metrics, train_cli
 from train.__main__ import main
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-RUN = ["--model-config", "tiny", "--lr", "3e-3", "--warmup-ratio", "0.1", "--grad-accum", "2"]
-
-
-def metrics(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "train"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "train"]
-    out = subprocess.run(launcher + args, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def single_run(shards, tmp_path_factory) -> Path:
-    """One process, in this process: 8 steps of the tiny model."""
-    output = tmp_path_factory.mktemp("single") / "run"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    assert main(["--shards", str(shards), *RUN, "--max-steps", "8", "--save-every", "0", "--output", str(output)]) == 0
-    return output
-
 
 def test_loss_falls_and_every_metric_is_logged(single_run):
     rows = metrics(single_run)
@@ -202,21 +177,12 @@ def test_resume_refuses_rebuilt_shards_and_keeps_the_resolved_settings(shards, t
     assert "another-build" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(shards, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("fsdp") / "run"
-    train_cli(["--shards", str(shards), *RUN, "--max-steps", "6", "--save-every", "0", "--dist", "fsdp",
-               "--output", str(output)], nproc=2)
-    return output
-
-
 @pytest.mark.slow
 def test_fsdp_sigkill_then_resume_gives_identical_losses_and_weights(shards, fsdp_run, tmp_path):
     output = tmp_path / "killed"
     args = ["--shards", str(shards), *RUN, "--max-steps", "6", "--save-every", "2", "--dist", "fsdp",
             "--output", str(output)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train"]
-    proc = subprocess.Popen(launcher + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(TORCHRUN + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
     while not (output / "checkpoints" / "step-00000002").exists() and proc.poll() is None and time.time() < deadline:

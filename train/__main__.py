@@ -12,13 +12,19 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from train.checkpoint import append_metrics, export, load_latest, prepare_output, save, write_settings
+from train.checkpoint import (
+    METRICS, SETTINGS, append_metrics, export, load_latest, prepare_output, save, verify_checkpoints, write_settings,
+)
 from train.config import TrainConfig, parse_args
 from train.data import Loader, PackedShards
+from train.faults import (
+    EXIT_PREEMPTED, EXIT_WRITE_FAILED, Preemption, WriteError, agree, peer_gone, together, write_error,
+)
 from train.memory import print_estimate
 from train.model import (
     TrainModule, apply_liger, attention_kind, build_meta_model, check_tokenizer, check_vocab,
@@ -115,8 +121,8 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
                 shards.manifest.get("build_id", ""))
     step = load_latest(cfg.output, module, optimizer, loader, rank, world_size, device,
                        plan.build_id) if cfg.resume else 0
-    if rank == 0:
-        write_settings(cfg.output, plan.settings(cfg), step)
+    together(lambda: write_settings(cfg.output, plan.settings(cfg), step) if rank == 0 else None,
+             SETTINGS, Path(cfg.output) / SETTINGS, rank, device)
     print0(rank, f"{'resuming at step ' + str(step) if step else 'starting'}: {len(shards)} sequences of "
            f"{shards.seq_len} tokens from {', '.join(shards.source_names)}; {params / 1e6:.1f}M parameters; "
            f"{world_size} x {device.type} ({mode}, {precision}, attn {attn}, liger {'on' if liger else 'off'}, "
@@ -198,7 +204,8 @@ def print0(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
-def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> None:
+def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, preemption: Preemption) -> int:
+    """Setup, the loop, the export; returns the exit code (0, or EXIT_PREEMPTED after a signal)."""
     report_to = backends(cfg.report_to)  # a tracker that isn't installed is refused before any work
     module, optimizer, loader, step, plan = setup(cfg, rank, world_size, device)
     resolved = {**asdict(cfg), "world_size": world_size, "dist": plan.mode, "precision": plan.precision,
@@ -214,43 +221,70 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
         loss_sums, grad_norm = train_step(module, optimizer, micro_batches, plan, cfg.grad_clip)
         step += 1
 
+        logging_failed = None
         if step % cfg.log_every == 0 or step == plan.total_steps:
-            log_step(step, loader, micro_batches, loss_sums, grad_norm, lr, time.perf_counter() - started,
-                     module, plan, cfg.output, trackers, clock)
-        stopping = step == cfg.stop_after and step < plan.total_steps
+            try:  # only rank 0 writes metrics.jsonl
+                log_step(step, loader, micro_batches, loss_sums, grad_norm, lr, time.perf_counter() - started,
+                         module, plan, cfg.output, trackers, clock)
+            except OSError as e:
+                logging_failed = e
+        # one all-reduce a step: did a signal reach any rank, did rank 0 fail to write its line
+        signalled, failed = agree(float(preemption.signal is not None), float(logging_failed is not None),
+                                  device=device)
+        if failed:
+            raise write_error(METRICS, Path(cfg.output) / METRICS, logging_failed) if logging_failed else \
+                WriteError(f"rank 0 could not write {METRICS}", elsewhere=True)
+        preempted = signalled > 0 and step < plan.total_steps
+        stopping = (step == cfg.stop_after and step < plan.total_steps) or preempted
         if (plan.save_interval and step % plan.save_interval == 0) or stopping:
             path = save(cfg.output, step, module, optimizer, loader, plan.settings(cfg), rank, world_size, device,
                         cfg.keep_last)
             print0(rank, f"saved {path}")
         if stopping:
-            print0(rank, f"stopped after step {step} (--stop-after); continue with --resume")
+            why = f"{preemption.signal or 'a signal to another rank'}" if preempted else "--stop-after"
+            print0(rank, f"stopped after step {step} ({why}); continue with --resume")
             finish_trackers(trackers)
-            return
+            return EXIT_PREEMPTED if preempted else 0
     path = export(cfg.output, module, plan.tokenizer,
-                  torch.bfloat16 if cfg.export_dtype == "bf16" else torch.float32, rank)
+                  torch.bfloat16 if cfg.export_dtype == "bf16" else torch.float32, rank, device)
     print0(rank, f"exported {path}: AutoModelForCausalLM.from_pretrained('{path}')")
     finish_trackers(trackers)
+    return 0
 
 
 def main(argv=None) -> int:
+    """Exit codes: train.faults' docstring (0 done, 75 preempted, 74 a write failed, 2 a user error, 1 other)."""
     try:
         cfg = parse_args(argv)
         if cfg.estimate_memory:
             return print_estimate(cfg)
+        if cfg.verify_checkpoints:
+            return verify_checkpoints(cfg.verify_checkpoints)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(cfg.dist_timeout)
     try:
-        train(cfg, rank, world_size, device)
+        with Preemption() as preemption:  # from here on, SIGTERM or SIGUSR1: finish the step, save, exit 75
+            return train(cfg, rank, world_size, device, preemption)
     except ValueError as e:
         if rank == 0 or str(e) != ANOTHER_RANK:  # one line per problem, not one per rank
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:
+        if not e.elsewhere:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except (dist.DistError, RuntimeError) as e:
+        if world_size == 1 or not peer_gone(e):
+            raise
+        # a peer is gone: its own exit says why; this rank's traceback would only bury it
+        print(f"error: rank {rank}: a collective failed, another rank stopped (look for its error above): "
+              f"{str(e).strip().splitlines()[0][:300]}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

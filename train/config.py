@@ -116,6 +116,10 @@ class TrainConfig:
 all = every one installed; none = metrics.jsonl only (handbook: report_to)."""
     export_dtype: Literal["bf16", "fp32"] = "bf16"
     """dtype of the exported Hugging Face model: bf16 or fp32."""
+    dist_timeout: int = 600
+    """Seconds a collective waits for the other ranks before the run fails: how long survivors of a dead rank can hang (handbook: 4 h)."""
+    verify_checkpoints: str = ""
+    """Check every checkpoint of this run directory against its record (sizes, sha256), print one line each, and exit."""
     verify_hashes: bool = True
     """Before the first step, prove the shards as `prep verify` does (sha256 and row checks); each rank proves 1/N of the files. Off: trust them."""
     peak_tflops: float = 0.0
@@ -125,12 +129,12 @@ all = every one installed; none = metrics.jsonl only (handbook: report_to)."""
 
     def check(self) -> None:
         """Every mistake a user can make in the settings, before any work starts."""
-        if not self.shards and not self.estimate_memory:
+        if not self.shards and not (self.estimate_memory or self.verify_checkpoints):
             raise ValueError("--shards DIR is required: the output directory of `prep build`")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --output and --overwrite deletes it: pass one of them")
         check_choices(self)
-        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "dist_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be at least 1")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_ratio < 1:

@@ -10,6 +10,7 @@ models, and the reference FSDP is tested against.
 
 import os
 from contextlib import nullcontext
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -20,8 +21,9 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device): torchrun's variables when present, else one process."""
+def init_distributed(timeout_s: int = 600) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): torchrun's variables when present, else one process. `timeout_s`
+    bounds every collective: past it, a rank whose peer died fails instead of waiting."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -29,7 +31,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(seconds=timeout_s))
         return dist.get_rank(), world_size, device
     return 0, 1, device
 
