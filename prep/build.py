@@ -114,9 +114,10 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     for source in sources:
         check_spec(source.spec)
     out = Path(cfg.out)
-    # The lock before anything looks at --out (--overwrite must not delete what a live build writes),
-    # the signals before the slow start-up (the tokenizer), so a signal during it stops cleanly too.
-    with lock_build(out), stop_signals() as stop:
+    # The signals first, so one during the slow start-up (the tokenizer) stops cleanly too, and a
+    # lock record on disk means they are handled; the lock before anything looks at --out
+    # (--overwrite must not delete what a live build writes).
+    with stop_signals() as stop, lock_build(out):
         return run(cfg, shares, sources, out, stop, log)
 
 
