@@ -13,6 +13,10 @@ ahead, with fastokens releasing the GIL, and its results come back in submission
 same inputs and settings give the same bytes whatever `--workers` is. The resume state is saved
 after every shard and the manifest is written last. Peak memory is bounded by the batches in
 flight, the packing window and one record batch of the writer.
+
+Faults a cluster throws: one build per `--out` (prep/lock.py); SIGTERM or SIGUSR1 stops at the
+next shard, resumable (prep/preempt.py); a full disk stops with one line (prep/shards.py,
+DiskFull), resumable once there is space; changed local inputs refuse a resume (prep/state.py).
 """
 
 import hashlib
@@ -31,7 +35,9 @@ from typing import Iterator, Literal
 from prep import state
 from prep.check import check
 from prep.mix import Doc, Mixer, SourceStats, documents, parse_mix
+from prep.lock import lock_build
 from prep.pack import BfdPacker, WrappedPacker, long_documents, pack
+from prep.preempt import StopSignals, stop_signals
 from prep.render import render
 from prep.settings import check_choices
 from prep.shards import MANIFEST, ShardWriter, manifest, write, write_json_atomic
@@ -50,7 +56,7 @@ class BuildConfig:
     out: str = "shards"
     """Output directory for shard-NNNNN.arrow files and manifest.json."""
     overwrite: bool = False
-    """Replace a build already in --out."""
+    """Replace a build already in --out (never while another build holds its lock)."""
     tokenizer: str = DEFAULT_TOKENIZER
     """Hub id or local directory of the tokenizer."""
     seq_len: int = 32768
@@ -99,18 +105,30 @@ class BuildConfig:
 
 
 def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict:
-    """Run (or resume, or recognise as done) a build and return its manifest.
-    Raises ValueError for anything the user must fix."""
+    """Run (or resume, or recognise as done) a build and return its manifest. Raises ValueError for
+    anything the user must fix (Locked when another build holds --out), Preempted when SIGTERM or
+    SIGUSR1 stopped it at a clean point, DiskFull when a write found no space: after the last two,
+    the same call resumes."""
     shares = cfg.check()
     sources = resolve_sources(list(shares), cfg.sources, cfg.sample)
     for source in sources:
         check_spec(source.spec)
+    out = Path(cfg.out)
+    # The signals first, so one during the slow start-up (the tokenizer) stops cleanly too, and a
+    # lock record on disk means they are handled; the lock before anything looks at --out
+    # (--overwrite must not delete what a live build writes).
+    with stop_signals() as stop, lock_build(out):
+        return run(cfg, shares, sources, out, stop, log)
+
+
+def run(cfg: BuildConfig, shares: dict[str, float], sources: list[Source], out: Path, stop: StopSignals, log) -> dict:
+    """build() holding the lock, with `stop` checked once the state is saved: before the stages and
+    after every shard."""
     encoder = load_encoder(cfg.tokenizer)
     settings = cfg.settings()
     identity = json.dumps({"settings": settings, "tokenizer": encoder.fingerprint}, sort_keys=True)
     build_id = "sha256:" + hashlib.sha256(identity.encode()).hexdigest()
     inputs = input_files(sources)
-    out = Path(cfg.out)
     finished, saved = state.prepare(out, cfg.overwrite, build_id, inputs)
     if finished is not None:
         log(f"{out} already holds this build (same settings and tokenizer): nothing to do")
@@ -143,9 +161,16 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
                                             cfg.long, cfg.seq_len), given)
                    for source, reader, given in zip(sources, readers, stats)]
         mixer = Mixer(streams, [shares[source.name] for source in sources], cfg.max_tokens, mixer_tokens)
-        writer.on_shard = partial(save_state, out, build_id, inputs, stats, mixer, packer, writer)
+        save = partial(save_state, out, build_id, inputs, stats, mixer, packer, writer)
+
+        def shard_done() -> None:
+            save()
+            stop.check(len(writer.shards))  # a clean point: preemption stops here (prep/preempt.py)
+
+        writer.on_shard = shard_done
         if saved is None:
-            writer.on_shard()  # from here on, a directory with shards always has a state or a manifest
+            save()  # from here on, a directory with shards always has a state or a manifest
+        stop.check(len(writer.shards))
         progress = Progress(cfg, sources, shares, stats)
         shards = write(pack(progress.track(mixer), packer), writer)
         progress.close()
@@ -171,7 +196,7 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
                  for source, given in zip(sources, stats)],
         packing={"sequences": packer.num_sequences, "pieces": packer.num_pieces, "split": packer.num_split},
         shards=shards)
-    write_json_atomic(out / MANIFEST, result)
+    write_json_atomic(out / MANIFEST, result, what="manifest")
     state.clear(out)
     log(summary(result, time.time() - started))
     return result

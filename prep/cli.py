@@ -21,8 +21,9 @@ import typer
 from prep.build import BuildConfig, build
 from prep.inspection import format_report, inspect as inspect_build, show
 from prep.plot import plot
+from prep.preempt import EX_TEMPFAIL, Preempted
 from prep.settings import field_choices, field_docs, flag
-from prep.shards import read_manifest
+from prep.shards import DiskFull, read_manifest
 from prep.verify import verify
 
 app = typer.Typer(
@@ -37,6 +38,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+EX_IOERR = 74  # sysexits.h: an input/output error, here a full disk
 
 
 def fail(message: str) -> None:
@@ -104,10 +108,24 @@ def build_command(**settings):
       prep build --mix nemotron=0.5,ot3=0.5 --source nemotron=HuggingFaceTB/smoltalk2:Mid:Llama_Nemotron_Post_Training_Dataset_reasoning_r1
 
       prep build --mix a=0.7,b=0.3 --source a=data/a.jsonl.gz --source b='data/b/*.parquet' --loss-on assistant
+
+    A killed or stopped build resumes when the same command runs again, and ends with the same bytes.
+    One build at a time per --out: the build locks it (--out/.prep-lock), and a second is refused
+    with the holder's pid and host.
+
+    Exit codes: 0 done; 2 a setting, input or --out to fix (one line); 75 stopped by SIGTERM or
+    SIGUSR1 (after the next shard, at most 20 s later): rerun to resume; 74 disk full or over quota
+    (one line: the file, the bytes it needs, the bytes free): free space, then rerun to resume.
     """
     cfg = BuildConfig(**settings | {"sources": parse_source_options(settings["sources"] or [])})
     try:
         build(cfg)
+    except Preempted as stop:
+        typer.echo(str(stop), err=True)
+        raise typer.Exit(EX_TEMPFAIL)
+    except DiskFull as error:
+        typer.secho(f"Error: {error}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(EX_IOERR)
     except ValueError as error:
         fail(str(error))
 

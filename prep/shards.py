@@ -1,6 +1,7 @@
 """Shards: packed sequences -> Arrow IPC stream files, plus the manifest that makes them a build.
 
-Layout of `--out DIR`: `shard-00000.arrow`, `shard-00001.arrow`, ... and `manifest.json`.
+Layout of `--out DIR`: `shard-00000.arrow`, `shard-00001.arrow`, ... and `manifest.json` (and
+`.prep-lock`, the build lock of prep/lock.py, which is no part of the data).
 Each row of a shard is one packed sequence:
   input_ids   fixed_size_list<uint32>[seq_len]   tokens, padded with pad_id
   doc_lens    list<uint32>                       document (or piece) lengths from position 0
@@ -8,12 +9,16 @@ Each row of a shard is one packed sequence:
   loss_mask   fixed_size_list<uint8>[seq_len]    only with --loss-on assistant
 The IPC *stream* format is what `datasets.Dataset.from_file` reads, and `pa.memory_map` opens it
 zero-copy. Every file is written as `*.tmp` and renamed when complete; the manifest is written
-last, so a directory without one is not a build.
+last, so a directory without one is not a build. A write that finds the disk full (ENOSPC, or
+EDQUOT: over quota) removes its temp file and raises DiskFull, one line naming the file, the bytes
+it needs and the bytes free; whatever was complete before stays as it was.
 """
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,7 @@ if TYPE_CHECKING:  # an import cycle otherwise: pack -> mix -> tokenizer -> shar
 FORMAT = "prep-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".prep-lock"
 BATCH_ROWS = 64  # 64 x 32768 x 4 B = 8 MiB record batches
 
 
@@ -131,22 +137,60 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class DiskFull(Exception):
+    """A write found no space left (ENOSPC) or the quota spent (EDQUOT). The message is one line."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(what: str, path: Path, needed: int) -> DiskFull:
+    """The error for `what` (a shard, the resume state, the manifest) at `path`, which needs about
+    `needed` bytes. Called once its temp file is gone, so the free space shown is what a rerun has."""
+    try:
+        free = f"{size(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"disk full writing {what} {path}: it needs about {size(needed)}, {free}; free some space "
+                    "(or raise the quota) and rerun the same command to resume")
+
+
+def size(num_bytes: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes} bytes" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+
+
 @contextmanager
 def atomic_file(path: Path, suffix: str = ".tmp"):
     """A binary file that appears at `path` whole or not at all: written beside it as path+suffix,
-    fsynced, then renamed over `path`. Every manifest, resume state and cache file goes through it."""
+    fsynced, then renamed over `path`; on any failure the temp file is removed. Every manifest,
+    resume state and cache file goes through it."""
     tmp = path.with_name(path.name + suffix)
-    with open(tmp, "wb") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def write_json_atomic(path: Path, obj, suffix: str = ".tmp") -> None:
-    """`obj` as indented JSON at `path`, atomically (atomic_file)."""
-    with atomic_file(path, suffix) as f:
-        f.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+def write_json_atomic(path: Path, obj, suffix: str = ".tmp", what: str = "") -> None:
+    """`obj` as indented JSON at `path`, atomically (atomic_file); DiskFull, naming it `what`, when
+    the disk is full."""
+    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+    try:
+        with atomic_file(path, suffix) as f:
+            f.write(data)
+    except OSError as error:
+        if is_disk_full(error):
+            raise disk_full(what or "file", path, len(data)) from None
+        raise
 
 
 class HashingFile:
@@ -178,7 +222,8 @@ def write(sequences: Iterator["Sequence"], writer: "ShardWriter") -> list[dict]:
 
 class ShardWriter:
     """Buffers sequences into record batches of BATCH_ROWS and rotates shards every `rows_per_shard`
-    rows. Each shard is written as `*.tmp`, hashed while written, fsynced and renamed."""
+    rows. Each shard is written as `*.tmp`, hashed while written, fsynced and renamed; a shard that
+    finds the disk full is removed and raises DiskFull."""
 
     def __init__(self, out_dir: Path, seq_len: int, pad_id: int, loss_mask: bool, rows_per_shard: int,
                  build_id: str | None = None):
@@ -207,11 +252,12 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self.buffer:
             return
-        if self.writer is None:
-            self.tmp_path = self.out_dir / (shard_name(len(self.shards)) + ".tmp")
-            self.sink = HashingFile(self.tmp_path)
-            self.writer = pa.ipc.new_stream(pa.PythonFile(self.sink, mode="w"), self.schema)
-        self.writer.write_batch(self._batch(self.buffer))
+        with self._disk_full_removes_the_shard():
+            if self.writer is None:
+                self.tmp_path = self.out_dir / (shard_name(len(self.shards)) + ".tmp")
+                self.sink = HashingFile(self.tmp_path)
+                self.writer = pa.ipc.new_stream(pa.PythonFile(self.sink, mode="w"), self.schema)
+            self.writer.write_batch(self._batch(self.buffer))
         self.rows_in_shard += len(self.buffer)
         self.buffer = []
         if self.rows_in_shard == self.rows_per_shard:
@@ -220,13 +266,31 @@ class ShardWriter:
     def _finish_shard(self) -> None:
         if self.writer is None:
             return
-        self.writer.close()
-        self.sink.close()
+        with self._disk_full_removes_the_shard():
+            self.writer.close()
+            self.sink.close()
         final = self.out_dir / shard_name(len(self.shards))
         os.replace(self.tmp_path, final)
         self.shards.append({"file": final.name, "rows": self.rows_in_shard, "sha256": self.sink.digest.hexdigest()})
         self.writer, self.rows_in_shard = None, 0
         self.on_shard()
+
+    @contextmanager
+    def _disk_full_removes_the_shard(self):
+        try:
+            yield
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            try:
+                self.sink.file.close()  # flushing what is left can fail again: the file goes anyway
+            except OSError:
+                pass
+            self.tmp_path.unlink(missing_ok=True)
+            self.writer = None
+            bytes_per_row = self.seq_len * (4 + self.loss_mask)  # input_ids (+ loss_mask); doc_lens are noise
+            raise disk_full("shard", self.out_dir / shard_name(len(self.shards)),
+                            self.rows_per_shard * bytes_per_row) from None
 
     def _batch(self, sequences: list["Sequence"]) -> pa.RecordBatch:
         """One record batch: the pieces copied into padded rows, with their lengths and sources."""

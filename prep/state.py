@@ -9,8 +9,11 @@ tokenizing them, and continues; because every step is deterministic it writes th
 uninterrupted run writes.
 
 Files: `.prep-state.json` names `.prep-state-NNNNN.npz`; the npz is written first and the json
-replaces the old one atomically, so a kill at any moment leaves a consistent pair. No pickles:
-`np.load(allow_pickle=False)`.
+replaces the old one atomically, so a kill at any moment, or a full disk, leaves a consistent pair.
+No pickles: `np.load(allow_pickle=False)`.
+
+The state also records the size and mtime of every local input file: a resumed build that would
+read changed data is refused, naming the first file that changed and how.
 """
 
 import json
@@ -20,7 +23,7 @@ import numpy as np
 
 from prep.mix import Doc
 from prep.pack import Sequence
-from prep.shards import MANIFEST, atomic_file, write_json_atomic
+from prep.shards import MANIFEST, atomic_file, disk_full, is_disk_full, write_json_atomic
 
 STATE = ".prep-state.json"
 
@@ -47,9 +50,9 @@ def prepare(out: Path, overwrite: bool, build_id: str, inputs: list) -> tuple[di
         if meta["build_id"] != build_id:
             raise ValueError(f"{out} holds an unfinished build with other settings; rerun it with its own settings, "
                              "or pass --overwrite to start over")
-        if meta["inputs"] != inputs:
-            raise ValueError(f"the input files changed since the unfinished build in {out} started; "
-                             "pass --overwrite to start over")
+        if changed := changed_input(meta["inputs"], inputs):
+            raise ValueError(f"{changed} since the unfinished build in {out} started, so resuming would mix old and "
+                             "new data; put the file back as it was, or pass --overwrite to start over")
         done = {shard["file"] for shard in meta["shards"]}
         for path in out.glob("shard-*"):  # written after the last saved state: it will be written again
             if path.name not in done:
@@ -59,6 +62,24 @@ def prepare(out: Path, overwrite: bool, build_id: str, inputs: list) -> tuple[di
         raise ValueError(f"{out} holds shard files of an unknown build; pass --overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     return None, None
+
+
+def changed_input(saved: list, now: list) -> str | None:
+    """The first difference between two lists of [path, size, mtime_ns] (build.input_files), in
+    words, or None when they are the same."""
+    found = {path: (size, mtime) for path, size, mtime in now}
+    for path, size, mtime in saved:
+        if path not in found:
+            return f"input file {path} is gone"
+        if found[path][0] != size:
+            return f"input file {path} changed size ({size:,} -> {found[path][0]:,} bytes)"
+        if found[path][1] != mtime:
+            return f"input file {path} was modified (its mtime changed, same size)"
+    known = {path for path, _, _ in saved}
+    for path, _, _ in now:
+        if path not in known:
+            return f"input file {path} is new"
+    return None
 
 
 def save(out: Path, meta: dict, ready: list[Sequence], open_: list[Sequence], pending: list[Doc]) -> None:
@@ -74,9 +95,15 @@ def save(out: Path, meta: dict, ready: list[Sequence], open_: list[Sequence], pe
     if any(doc.mask is not None for doc in docs):
         arrays["masks"] = np.concatenate([doc.mask for doc in docs])
     npz = f".prep-state-{len(meta['shards']):05d}.npz"
-    with atomic_file(out / npz) as f:
-        np.savez(f, **arrays)
-    write_json_atomic(out / STATE, meta | {"arrays": npz, "num_ready": len(ready), "num_open": len(open_)})
+    try:
+        with atomic_file(out / npz) as f:
+            np.savez(f, **arrays)
+    except OSError as error:
+        if is_disk_full(error):  # the previous pair is untouched: a rerun resumes from it
+            raise disk_full("resume state", out / npz, sum(array.nbytes for array in arrays.values())) from None
+        raise
+    write_json_atomic(out / STATE, meta | {"arrays": npz, "num_ready": len(ready), "num_open": len(open_)},
+                      what="resume state")
     for old in out.glob(".prep-state-*.npz"):
         if old.name != npz:
             old.unlink()

@@ -9,7 +9,8 @@ its row count matches. Per row: no nulls, doc_lens and doc_sources have the same
 entries, every doc_lens entry > 0 and their sum <= seq_len, every position after the documents
 is pad_id, every id < vocab_size, every doc_sources index names a manifest source, loss_mask is
 0/1 and 0 on padding. Unlike the other readers, verify goes on past a problem and lists them all. Then the manifest's totals (sequences, tokens, pieces, padding, per-source
-tokens) must equal what the data adds up to, and the directory must hold nothing else.
+tokens) must equal what the data adds up to, and the directory must hold nothing else (but the build
+lock, `.prep-lock`, which every build keeps: prep/lock.py).
 
 Memory stays flat: shards are memory-mapped and checked one record batch (64 rows, 8 MiB at 32k)
 at a time with vectorised numpy (scripts/bench_shards.py times it against sha256).
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from prep.shards import MANIFEST, ShardFile, iter_batches, list_parts, read_manifest, row_faults, shard_files
+from prep.shards import LOCK, MANIFEST, ShardFile, iter_batches, list_parts, read_manifest, row_faults, shard_files
 
 ROWS_SHOWN = 5  # bad rows listed per shard and check; the rest are counted
 
@@ -149,6 +150,6 @@ def verify(out_dir, fast: bool = False) -> list[Problem]:
         problems += check_totals(manifest, totals)
     listed = {shard.path.name for shard in shards if shard}
     for path in sorted(out_dir.iterdir()):
-        if path.name != MANIFEST and path.name not in listed:
+        if path.name not in (MANIFEST, LOCK) and path.name not in listed:
             problems.append(Problem("extra-file", "not part of this build (the manifest doesn't list it)", path.name))
     return problems

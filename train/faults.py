@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from prep.shards import DiskFull
 from train.parallel import all_reduce_sum
 
 EXIT_PREEMPTED, EXIT_WRITE_FAILED = 75, 74
@@ -86,7 +87,7 @@ def write_error(what: str, path: Path, error: BaseException | None, needed: int 
     torch's writers report a full disk as a short write ("unexpected pos"), not as ENOSPC, so a
     write that needed more than is free counts as a full disk too."""
     free = free_bytes(path)
-    full = (isinstance(error, OSError) and error.errno in DISK_FULL) or needed > free
+    full = isinstance(error, DiskFull) or (isinstance(error, OSError) and error.errno in DISK_FULL) or needed > free
     reason = "no space left on device" if full else (str(error).strip().splitlines() or [type(error).__name__])[0]
     space = f" (it needs about {gb(needed)}, {gb(free)} free)" if needed else f" ({gb(free)} free)"
     return WriteError(f"could not write {what} to {path}: {reason}{space}; make room, then rerun with --resume")
