@@ -31,7 +31,6 @@ points, frequent. Prints one summary line per fault: trials, survived identical,
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal

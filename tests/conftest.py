@@ -119,8 +119,8 @@ def single_run(shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fsdp_run(shards, tmp_path_factory) -> Path:
-    """The reference of two processes: 6 FSDP2 steps over gloo, no checkpoint."""
+    """The reference of two processes: 8 FSDP2 steps over gloo, no checkpoint."""
     output = tmp_path_factory.mktemp("fsdp") / "run"
-    train_cli(["--shards", str(shards), *RUN, "--max-steps", "6", "--save-every", "0", "--dist", "fsdp",
+    train_cli(["--shards", str(shards), *RUN, "--max-steps", "8", "--save-every", "0", "--dist", "fsdp",
                "--output", str(output)], nproc=2)
     return output

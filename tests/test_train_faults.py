@@ -76,38 +76,46 @@ def test_sigusr1_finishes_the_step_saves_exits_75_and_resumes_identically(shards
     same_run(output, single_run)
 
 
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(TORCHRUN + args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.slow
-def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_identically(shards, fsdp_run, tmp_path):
-    """torchrun forwards SIGTERM to both ranks; they agree on the step, save one checkpoint, exit 75."""
+def test_two_ranks_survive_sigkill_then_sigterm_then_a_dead_rank_and_end_identical(shards, fsdp_run, tmp_path):
+    """One FSDP run over gloo, hit three times: SIGKILL of torchrun and both ranks; SIGTERM to torchrun
+    (forwarded: both ranks agree on a step, save it, exit 75); SIGKILL of rank 1 alone (torchrun and
+    rank 0 end within the bound). Each time `--resume` continues, and the end equals the reference."""
     output = tmp_path / "run"
-    args = ["--shards", str(shards), *RUN, "--max-steps", "6", "--save-every", "0", "--dist", "fsdp",
+    args = ["--shards", str(shards), *RUN, "--max-steps", "8", "--save-every", "2", "--dist", "fsdp",
             "--output", str(output)]
-    proc = subprocess.Popen(TORCHRUN + args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    proc = start(args)  # 1. SIGKILL everything once the first checkpoint is written
     wait_for_step(output, 2, proc)
+    ranks = psutil.Process(proc.pid).children(recursive=True)  # own sessions: a group kill would miss them
+    for process in [*ranks, psutil.Process(proc.pid)]:
+        process.send_signal(signal.SIGKILL)
+    proc.communicate()
+    psutil.wait_procs(ranks, timeout=10)
+
+    proc = start(args + ["--resume"])  # 2. preemption
+    wait_for_step(output, 3, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=BOUND_S)
     stopped = metrics(output)[-1]["step"]
-    assert stopped < 6 and f"stopped after step {stopped} (SIGTERM)" in stdout, stdout[-2000:] + stderr[-2000:]
-    assert [p.name for p in (output / "checkpoints").iterdir()] == [f"step-{stopped:08d}"]
-    train_cli(args + ["--resume"], nproc=2)
-    same_run(output, fsdp_run)
+    assert f"stopped after step {stopped} (SIGTERM); continue with --resume" in stdout, stdout[-2000:] + stderr[-2000:]
+    assert (output / "checkpoints" / f"step-{stopped:08d}").is_dir() and stopped < 8
 
-
-@pytest.mark.slow
-def test_a_dead_rank_ends_the_run_within_the_bound_and_it_resumes_identically(shards, fsdp_run, tmp_path):
-    output = tmp_path / "run"
-    args = ["--shards", str(shards), *RUN, "--max-steps", "6", "--save-every", "2", "--dist", "fsdp",
-            "--output", str(output)]
-    proc = subprocess.Popen(TORCHRUN + args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(output, 3, proc)
+    proc = start(args + ["--resume"])  # 3. a dead rank
+    wait_for_step(output, stopped + 1, proc)
     rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
     assert len(rank1) == 1
     rank1[0].send_signal(signal.SIGKILL)
     killed = time.time()
     stdout, stderr = proc.communicate(timeout=BOUND_S)
     assert time.time() - killed < BOUND_S and proc.returncode != 0
-    assert "error: rank 0: a collective failed, another rank stopped" in stderr
+    assert "error: rank 0: a collective failed, another rank stopped" in stderr, stderr[-3000:]
     assert not (output / "model").exists()
+
     train_cli(args + ["--resume"], nproc=2)
     same_run(output, fsdp_run)
 

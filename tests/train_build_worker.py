@@ -35,7 +35,9 @@ def build(cfg: TrainConfig, precision: str = "fp32", rss: dict | None = None):
     module = parallelize(module, "fsdp", precision, CPU, dist.get_rank(), dist.get_world_size(),
                          lambda: full_weights(cfg, config, "sdpa"))
     if rss is not None:
-        rss["peak_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        with open("/proc/self/status") as f:  # VmHWM, not ru_maxrss, which carries torchrun's peak over exec
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        rss["peak_growth"] = peak - before
     return module
 
 

@@ -79,7 +79,12 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+    # VmHWM, this process's own peak: ru_maxrss carries a parent's (torchrun's, pytest's) over fork and exec
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")) / 1e9
+    except OSError:  # no /proc (macOS): ru_maxrss, in bytes there
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e9
 
 
 def open_shards(cfg: TrainConfig, rank: int, world_size: int) -> PackedShards:
