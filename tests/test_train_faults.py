@@ -218,3 +218,17 @@ def test_every_kind_of_damage_is_caught_and_none_intact_is_refused(shards, saved
     assert main(["--shards", str(shards), *RUN, "--max-steps", "8", "--output", str(output), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: no intact checkpoint in") and "--overwrite" in err[-1]
+
+
+def test_a_failed_write_says_what_where_why_and_the_space(tmp_path):
+    from train.faults import write_error
+
+    # torch reports a full disk as a short write: more needed than free is a full disk whatever the error says
+    line = str(write_error("checkpoint step-00000006", tmp_path, RuntimeError("unexpected pos 704 vs 598"),
+                           needed=135_000_000, free=40_000_000))
+    assert line == (f"could not write checkpoint step-00000006 to {tmp_path}: no space left on device "
+                    "(it needs about 0.14 GB, 0.04 GB free); make room, then rerun with --resume")
+    line = str(write_error("the exported model", tmp_path, PermissionError(13, "Permission denied"), free=10**12))
+    assert ": [Errno 13] Permission denied (1000.00 GB free)" in line
+    line = str(write_error("checkpoint step-00000002", tmp_path, None, needed=1_000_000, free=10**12))
+    assert ": the write failed on another rank (its error is above)" in line

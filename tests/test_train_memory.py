@@ -18,13 +18,6 @@ from train.config import TrainConfig
 SETTINGS = dict(model_config="tiny", seq_len=1024, precision="fp32", grad_accum=2, lr=1e-3)
 
 
-def peak_rss() -> int:
-    """This process's own peak RSS in bytes. Not ru_maxrss: Linux carries it over fork and exec, so a
-    child of a large pytest process would report its parent's peak."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -37,7 +30,7 @@ def measure_peak() -> int:
     import numpy as np
     import torch
 
-    from train.__main__ import Plan, build_module, train_step
+    from train.__main__ import Plan, build_module, peak_memory_gb, train_step
     from train.data import Batch
     from train.model import full_weights, model_config
     from train.parallel import parallelize
@@ -57,7 +50,7 @@ def measure_peak() -> int:
     plan = Plan(0, 1, cpu, "none", "fp32", False, 0, 2, 0, None, ["a"], None, "")
     for _ in range(2):
         train_step(module, optimizer, [batch] * cfg.grad_accum, plan, cfg.grad_clip)
-    return peak_rss() - before
+    return int(peak_memory_gb(cpu) * 1e9) - before  # the trainer's own reading: this process's VmHWM
 
 
 @pytest.mark.slow

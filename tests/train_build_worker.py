@@ -12,7 +12,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from train.__main__ import Plan, build_module, train_step
+from train.__main__ import Plan, build_module, peak_memory_gb, train_step
 from train.config import TrainConfig
 from train.data import Batch
 from train.model import full_weights, model_config
@@ -35,9 +35,7 @@ def build(cfg: TrainConfig, precision: str = "fp32", rss: dict | None = None):
     module = parallelize(module, "fsdp", precision, CPU, dist.get_rank(), dist.get_world_size(),
                          lambda: full_weights(cfg, config, "sdpa"))
     if rss is not None:
-        with open("/proc/self/status") as f:  # VmHWM, not ru_maxrss, which carries torchrun's peak over exec
-            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        rss["peak_growth"] = peak - before
+        rss["peak_growth"] = int(peak_memory_gb(CPU) * 1e9) - before
     return module
 
 

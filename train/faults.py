@@ -82,13 +82,23 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def write_error(what: str, path: Path, error: BaseException | None, needed: int = 0) -> WriteError:
-    """One line for a failed write: what, where, why, and the space it needed against the space left.
-    torch's writers report a full disk as a short write ("unexpected pos"), not as ENOSPC, so a
-    write that needed more than is free counts as a full disk too."""
-    free = free_bytes(path)
-    full = isinstance(error, DiskFull) or (isinstance(error, OSError) and error.errno in DISK_FULL) or needed > free
-    reason = "no space left on device" if full else (str(error).strip().splitlines() or [type(error).__name__])[0]
+def disk_full(error: BaseException | None, needed: int, free: int) -> bool:
+    """torch's writers report a full disk as a short write ("unexpected pos"), not as ENOSPC, so a
+    write that needed more than was free counts as a full disk too."""
+    return isinstance(error, DiskFull) or (isinstance(error, OSError) and error.errno in DISK_FULL) or needed > free
+
+
+def write_error(what: str, path: Path, error: BaseException | None, needed: int = 0,
+                free: int | None = None) -> WriteError:
+    """One line for a failed write: what, where, why, and the space it needed against the space that
+    was free when it failed. `error` None: this rank's part worked, another rank's did not."""
+    free = free_bytes(path) if free is None else free
+    if disk_full(error, needed, free):
+        reason = "no space left on device"
+    elif error is None:
+        reason = "the write failed on another rank (its error is above)"
+    else:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     space = f" (it needs about {gb(needed)}, {gb(free)} free)" if needed else f" ({gb(free)} free)"
     return WriteError(f"could not write {what} to {path}: {reason}{space}; make room, then rerun with --resume")
 
@@ -97,8 +107,9 @@ def together(work: Callable[[], None], what: str, path: Path, rank: int, device:
              cleanup: Callable[[], None] = lambda: None) -> None:
     """Run this rank's part of a write (`work`), then agree with the other ranks that every part worked,
     so that no rank goes on to a collective that a failed one will never join. When a part failed
-    anywhere: `cleanup()` on rank 0, and WriteError on every rank; the message, with the bytes
-    `needed` summed over the ranks, from rank 0 and from any rank that saw its own write fail.
+    anywhere: `cleanup()` on rank 0, and WriteError on every rank. Rank 0 says it in one line, with the
+    bytes `needed` summed over the ranks and the space free when the writes ended; another rank adds
+    a line only for a failure of its own that isn't a full disk.
     torch's writers raise RuntimeError for I/O errors, DCP its CheckpointException (a BaseException)."""
     error = None
     try:
@@ -108,10 +119,12 @@ def together(work: Callable[[], None], what: str, path: Path, rank: int, device:
     failed, total_needed = agree(float(error is not None), float(needed), device=device)
     if not failed:
         return
+    free = free_bytes(path)  # before the cleanup: what the writes ran into
+    message = write_error(what, path, error, int(total_needed), free)
     if rank == 0:
         cleanup()
-    if rank == 0 or error is not None:
-        raise write_error(what, path, error, int(total_needed)) from None
+    if rank == 0 or (error is not None and not disk_full(error, int(total_needed), free)):
+        raise message from None
     raise WriteError(f"another rank could not write {what}", elsewhere=True)
 
 
