@@ -20,7 +20,6 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-
 from typing import Callable
 
 import torch
@@ -35,7 +34,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class WriteError(Exception):
-    """A file of the run could not be written. `elsewhere`: another rank's write failed (rank 0 says which)."""
+    """A file of the run could not be written. `elsewhere`: this rank stays silent, rank 0 says it."""
 
     def __init__(self, message: str, elsewhere: bool = False):
         super().__init__(message)
