@@ -32,6 +32,13 @@ examples:
       --save-every 5 --stop-after 10 --output runs/r
   torchrun --nproc-per-node 2 -m train --shards shards-1k/ --model-config tiny --max-steps 20 \\
       --save-every 5 --output runs/r --resume
+
+  # preemptible: torchrun forwards SIGTERM/SIGUSR1, the ranks save and exit 75; rerun with --resume
+  torchrun --signals-to-handle SIGTERM,SIGUSR1 --shutdown-timeout 110 --nproc-per-node 8 -m train \\
+      --shards shards/ --output runs/mid --resume
+
+  # every checkpoint of a run against its recorded sizes and sha256
+  python -m train --verify-checkpoints runs/mid
 """
 
 
