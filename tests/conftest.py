@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -124,3 +125,24 @@ def fsdp_run(shards, tmp_path_factory) -> Path:
     train_cli(["--shards", str(shards), *RUN, "--max-steps", "8", "--save-every", "0", "--dist", "fsdp",
                "--output", str(output)], nproc=2)
     return output
+
+
+# Disk-full tests: a real file system that fills up (mounting one needs root, as CI runs).
+@contextmanager
+def tmpfs(path: Path, size_mb: int):
+    """A tmpfs of `size_mb` MiB mounted at `path` (created) for the block, then unmounted."""
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def ballast(disk: Path, leave_bytes: int = 0) -> Path:
+    """disk/ballast, taking every free byte of the file system but `leave_bytes`."""
+    stat = os.statvfs(disk)
+    file = disk / "ballast"
+    with open(file, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, stat.f_bavail * stat.f_frsize - leave_bytes)
+    return file

@@ -20,6 +20,8 @@ from prep.lock import Locked
 from prep.shards import LOCK, DiskFull
 from prep.verify import verify
 
+from conftest import ballast, tmpfs
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(mix="a=0.5,b=0.5", seq_len=1024, window=8, rows_per_shard=6, progress=False)
 # the embedded sample in 128 shards: long enough to signal a CLI build mid-way (scripts/chaos_prep.py)
@@ -189,21 +191,8 @@ def small_disk(tmp_path):
     """A 4 MiB tmpfs: a real filesystem that fills up (mounting needs root, as CI runs)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path / "disk", 4) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
-
-
-def fill(disk: Path) -> Path:
-    """A ballast file taking every free byte of `disk`."""
-    ballast = disk / "ballast"
-    with open(ballast, "ab") as f:
-        f.write(b"\0" * shutil.disk_usage(disk).free)
-    return ballast
 
 
 AT_SAVE = 4  # the initial state save, then one after each shard: the 4th comes after shard 2
@@ -215,7 +204,7 @@ def fill_before_state_save(monkeypatch, disk: Path):
     def filling_save(*args, **kw):
         calls.append(1)
         if len(calls) == AT_SAVE:
-            fill(disk)
+            ballast(disk)
         save(*args, **kw)
 
     monkeypatch.setattr(prep.state, "save", filling_save)
@@ -229,7 +218,7 @@ def fill_after_state_save(monkeypatch, disk: Path):
         save(*args, **kw)
         calls.append(1)
         if len(calls) == AT_SAVE:
-            fill(disk)
+            ballast(disk)
 
     monkeypatch.setattr(prep.state, "save", filling_save)
 
@@ -238,7 +227,7 @@ def fill_before_manifest(monkeypatch, disk: Path):
     write_json = prep.build.write_json_atomic
 
     def filling_write(*args, **kw):
-        fill(disk)
+        ballast(disk)
         write_json(*args, **kw)
 
     monkeypatch.setattr(prep.build, "write_json_atomic", filling_write)
@@ -267,8 +256,7 @@ def test_disk_full_keeps_the_last_state_and_the_rerun_is_identical(tmp_path, cor
 
 def test_disk_full_from_the_command_line(tmp_path, corpus, reference, small_disk):
     """A ballast left 100 KiB free before the build: exit 74, one line, and after freeing the space, the same bytes."""
-    ballast = small_disk / "ballast"
-    ballast.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 100 * 1024))
+    space = ballast(small_disk, 100 * 1024)
     out = small_disk / "out"
     args = ["--out", str(out), "--mix", "a=0.5,b=0.5", *source_args(corpus), "--seq-len", "1024", "--window", "8",
             "--rows-per-shard", "6", "--no-progress"]
@@ -279,7 +267,7 @@ def test_disk_full_from_the_command_line(tmp_path, corpus, reference, small_disk
     last = err.strip().splitlines()[-1]
     assert last.startswith("Error: disk full writing ") and "rerun the same command to resume" in last
     assert not list(out.glob("*.tmp"))
-    ballast.unlink()
+    space.unlink()
     rerun = prep_cli(*args)
     _, err = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, err

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import ENV, RUN, TORCHRUN, metrics, train_cli
+from conftest import ENV, RUN, TORCHRUN, ballast, metrics, tmpfs, train_cli
 from train.__main__ import main
 
 KEYS = ("step", "loss", "loss_per_source", "lr", "grad_norm", "tokens")
@@ -37,26 +36,6 @@ def wait_for_step(output: Path, step: int, proc: subprocess.Popen, timeout: floa
             pass
         time.sleep(0.05)
     raise AssertionError(f"the run ended or hung before step {step}: {proc.poll()}")
-
-
-@contextmanager
-def tmpfs(path: Path, size_mb: int):
-    """A small file system of its own (CI runs as root), to fill up for real."""
-    path.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def ballast(path: Path, leave_bytes: int) -> Path:
-    """A file that takes all the free space of path's file system but `leave_bytes`."""
-    free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
-    file = path / "ballast"
-    with open(file, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, free - leave_bytes)
-    return file
 
 
 def test_sigusr1_finishes_the_step_saves_exits_75_and_resumes_identically(shards, single_run, tmp_path):

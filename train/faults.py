@@ -15,7 +15,6 @@ The signal handlers only set a flag; the loop reads it after each step, and the 
 in one all-reduce (`agree`), so a signal that reaches one rank stops them all at the same step.
 """
 
-import errno
 import shutil
 import signal
 import threading
@@ -26,11 +25,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from prep.shards import DiskFull
+from prep.shards import DiskFull, is_disk_full
 from train.parallel import all_reduce_sum
 
 EXIT_PREEMPTED, EXIT_WRITE_FAILED = 75, 74
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class WriteError(Exception):
@@ -84,7 +82,7 @@ def free_bytes(path: Path) -> int:
 def disk_full(error: BaseException | None, needed: int, free: int) -> bool:
     """torch's writers report a full disk as a short write ("unexpected pos"), not as ENOSPC, so a
     write that needed more than was free counts as a full disk too."""
-    return isinstance(error, DiskFull) or (isinstance(error, OSError) and error.errno in DISK_FULL) or needed > free
+    return isinstance(error, DiskFull) or is_disk_full(error) or needed > free
 
 
 def write_error(what: str, path: Path, error: BaseException | None, needed: int = 0,
