@@ -8,11 +8,13 @@ before it, in the module named for it:
         -> documents, mix (mix) -> pack -> write (shards)
 
 One such chain per source up to `documents`; the mixer interleaves them. Reading, checking and
-rendering run on this thread with Arrow kernels; encoding runs on a thread pool, several batches
-ahead, with fastokens releasing the GIL, and its results come back in submission order, so the
-same inputs and settings give the same bytes whatever `--workers` is. The resume state is saved
-after every shard and the manifest is written last. Peak memory is bounded by the batches in
-flight, the packing window and one record batch of the writer.
+rendering run on a thread per source (`ahead`), with Arrow kernels that release the GIL; encoding
+runs on a thread pool, several batches ahead, with fastokens releasing the GIL, and its results
+come back in submission order, so the same inputs and settings give the same bytes whatever
+`--workers` is. This thread mixes and packs; the shards are written, hashed and fsynced on a
+writer thread, which also saves the resume state after every shard (prep.shards.ShardWriter).
+The manifest is written last. Peak memory is bounded by the batches in flight, the packing
+window and the writer's few record batches.
 
 Faults a cluster throws: one build per `--out` (prep/lock.py); SIGTERM or SIGUSR1 stops at the
 next shard, resumable (prep/preempt.py); a full disk stops with one line (prep/shards.py,
@@ -161,15 +163,19 @@ def run(cfg: BuildConfig, shares: dict[str, float], sources: list[Source], out: 
                                             cfg.long, cfg.seq_len), given)
                    for source, reader, given in zip(sources, readers, stats)]
         mixer = Mixer(streams, [shares[source.name] for source in sources], cfg.max_tokens, mixer_tokens)
-        save = partial(save_state, out, build_id, inputs, stats, mixer, packer, writer)
+        # The resume state after each shard: taken when its last row goes to the writer thread, saved
+        # there once the shard is renamed (prep.shards.ShardWriter)
+        writer.snapshot = partial(snapshot_state, stats, mixer, packer)
+        writer.on_shard = partial(save_state, out, build_id, inputs, writer)
 
-        def shard_done() -> None:
-            save()
-            stop.check(len(writer.shards))  # a clean point: preemption stops here (prep/preempt.py)
+        def shard_handed_over() -> None:
+            if stop.received:  # a clean point: that shard written and its state saved (prep/preempt.py)
+                writer.drain()
+                stop.check(len(writer.shards))
 
-        writer.on_shard = shard_done
-        if saved is None:
-            save()  # from here on, a directory with shards always has a state or a manifest
+        writer.on_handover = shard_handed_over
+        if saved is None:  # from here on, a directory with shards always has a state or a manifest
+            save_state(out, build_id, inputs, writer, writer.snapshot())
         stop.check(len(writer.shards))
         progress = Progress(cfg, sources, shares, stats)
         shards = write(pack(progress.track(mixer), packer), writer)
@@ -237,13 +243,18 @@ def ahead(batches: Iterator[Batch], depth: int = 4) -> Iterator[Batch]:
         stop.set()
 
 
-def save_state(out: Path, build_id: str, inputs: list, stats: list[SourceStats], mixer: Mixer,
-               packer: BfdPacker | WrappedPacker, writer: ShardWriter) -> None:
-    """After every finished shard: everything a killed build needs to resume at this point."""
-    meta = {"build_id": build_id, "inputs": inputs, "shards": writer.shards, "mixer_tokens": mixer.tokens,
-            "counts": {"sequences": packer.num_sequences, "pieces": packer.num_pieces, "split": packer.num_split},
-            "stats": [given.to_dict() for given in stats]}
-    state.save(out, meta, *packer.state())
+def snapshot_state(stats: list[SourceStats], mixer: Mixer, packer: BfdPacker | WrappedPacker) -> tuple:
+    """What a killed build needs to resume at this point, copied: the stages go on while it is saved."""
+    meta = {"mixer_tokens": list(mixer.tokens), "stats": [given.to_dict() for given in stats],
+            "counts": {"sequences": packer.num_sequences, "pieces": packer.num_pieces, "split": packer.num_split}}
+    return meta, *packer.state()
+
+
+def save_state(out: Path, build_id: str, inputs: list, writer: ShardWriter, snapshot: tuple) -> None:
+    """After every finished shard (and once before the first): the snapshot taken when its last row
+    was handed over, with the shards written so far."""
+    meta, ready, open_, pending = snapshot
+    state.save(out, {"build_id": build_id, "inputs": inputs, "shards": list(writer.shards)} | meta, ready, open_, pending)
 
 
 def input_files(sources: list[Source]) -> list:

@@ -115,8 +115,9 @@ class BfdPacker:
         self.ready.extend(sequence for index, sequence in enumerate(bins) if index not in keep)
 
     def state(self) -> tuple[list[Sequence], list[Sequence], list[Doc]]:
-        """What a resumed build needs: ready, open and pending, as lists."""
-        return list(self.ready), self.open, self.pending
+        """What a resumed build needs: ready, open and pending, as lists, copied (the packer goes
+        on while they are saved)."""
+        return [list(sequence) for sequence in self.ready], [list(sequence) for sequence in self.open], list(self.pending)
 
     def restore(self, ready: list[Sequence], open_: list[Sequence], pending: list[Doc], counts: dict) -> None:
         self.ready, self.open, self.pending = deque(ready), open_, pending
@@ -158,7 +159,7 @@ class WrappedPacker:
     take_ready = BfdPacker.take_ready
 
     def state(self) -> tuple[list[Sequence], list[Sequence], list[Doc]]:
-        return list(self.ready), [self.current] if self.current else [], []
+        return [list(sequence) for sequence in self.ready], [list(self.current)] if self.current else [], []
 
     def restore(self, ready: list[Sequence], open_: list[Sequence], pending: list[Doc], counts: dict) -> None:
         assert not pending and len(open_) <= 1

@@ -8,7 +8,8 @@ A source is a name (used in `--mix`) and a SPEC:
 Local files are read with pyarrow and the standard library; dataset repos (hub or local) with
 `datasets` streaming. Either way memory stays flat whatever the size: parquet is read a batch of
 rows at a time with Arrow's pre-buffering off, since pre-buffering keeps every compressed column
-chunk it has read until the file ends, so memory would grow with the size of the input files.
+chunk it has read until the file ends, so memory would grow with the size of the input files;
+and only the columns messages are made of (ROW_COLUMNS) are decoded.
 JSON lines are parsed row by row, so one bad line (cut in half, not JSON, invalid UTF-8, a wrong
 type) costs one counted row, not the build.
 
@@ -35,6 +36,9 @@ HUB_PRESETS = {
 }
 SAMPLE_DIR = Path(__file__).parent / "sample"
 BATCH_ROWS = 128  # rows per batch read: a few MB of text, so batches stay small while rows are long
+# The only columns a row's messages come from (prep.check.to_messages): parquet's other columns
+# (Nemotron's system_prompt, license, generator...) are never decompressed.
+ROW_COLUMNS = ("messages", "conversations", "input", "output")
 JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 DATA_SUFFIXES = (*JSON_SUFFIXES, ".parquet", ".arrow")
 # Bytes that are not UTF-8 decode to this noncharacter, so the row is counted as invalid_utf8.
@@ -182,7 +186,8 @@ def _file_tables(files: list[str], kind: str, start: int) -> Iterator[pa.RecordB
                 groups.pop(0)
             if not groups:
                 continue
-            batches = reader.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, use_threads=False)
+            columns = [name for name in reader.schema_arrow.names if name in ROW_COLUMNS] or None
+            batches = reader.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=columns, use_threads=False)
         else:
             batches = _ipc_batches(path)
         for table in batches:

@@ -290,8 +290,11 @@ class Encoder:
         probe check and the tests cover those). Tokenizers that aren't byte-level pass."""
         if not self.byte_level:
             return True
-        spelled = np.r_[0, np.cumsum(np.take(self.token_bytes, ids), dtype=np.int64)]
-        spelled = spelled[offsets[1:]] - spelled[offsets[:-1]]
+        starts, ends = offsets[:-1], offsets[1:]
+        spelled = np.zeros(len(texts), np.int64)
+        if len(ids):  # 2 ns per token: the table fits in cache, and 'clip' skips numpy's bounds check
+            tokens = ends > starts  # reduceat wants the start of every non-empty text, no other
+            spelled[tokens] = np.add.reduceat(np.take(self.token_bytes, ids, mode="clip"), starts[tokens], dtype=np.int64)
         return np.array_equal(spelled, [len(text.encode()) for text in texts] if text_bytes is None else text_bytes)
 
     def token_starts(self, texts: list[str], ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:

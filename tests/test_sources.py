@@ -10,7 +10,7 @@ import pytest
 
 from prep.check import check, messages_array, to_messages
 from prep.render import chatml
-from prep.sources import BATCH_ROWS, Reject, local_files, read, resolve_sources
+from prep.sources import BATCH_ROWS, ROW_COLUMNS, Reject, local_files, read, resolve_sources
 
 
 def iter_rows(spec: str) -> list:
@@ -106,6 +106,20 @@ def test_every_file_kind_streams(tmp_path, name, count):
     rows = list(iter_rows(str(tmp_path / name)))
     assert len(rows) == count
     assert rows[0] == to_messages(SMOLTALK)
+
+
+@pytest.mark.parametrize("row", [NEMOTRON, OT3, SMOLTALK, {"id": 1, "text": "no messages"}])
+def test_parquet_decodes_only_the_columns_messages_come_from(tmp_path, row):
+    """Nemotron's system_prompt, OT3's difficulty, smoltalk2's source: never decompressed, and the
+    rows give what the whole row gives (or the same reason)."""
+    pq.write_table(pa.Table.from_pylist([row, row]), tmp_path / "rows.parquet")
+    (batch,) = read(str(tmp_path / "rows.parquet"))
+    assert batch.table.schema.names == ([name for name in row if name in ROW_COLUMNS] or list(row))
+    try:
+        expected = to_messages(row)
+    except Reject as reject:
+        expected = reject.args[0]
+    assert [r.args[0] if isinstance(r, Reject) else r for r in iter_rows(str(tmp_path / "rows.parquet"))] == [expected] * 2
 
 
 def test_directories_and_globs(tmp_path):

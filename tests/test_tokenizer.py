@@ -177,9 +177,9 @@ def test_ids_that_dont_spell_the_text_fall_back(encoder, monkeypatch):
             return np.concatenate(pieces).tobytes(), offsets.tobytes()
 
     monkeypatch.setattr(encoder, "fast", Lossy())
-    texts = ["first text", "second text, the lossy one"]
+    texts = ["first text", "", "second text, the lossy one", "", "last"]  # empty texts: no tokens to sum
     ids, offsets, encoded_by = encoder.encode_batch(texts)
-    assert encoded_by.tolist() == [ENCODED, FALLBACK]
+    assert encoded_by.tolist() == [ENCODED, ENCODED, FALLBACK, ENCODED, ENCODED]
     assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == [reference(encoder, t) for t in texts]
 
 
