@@ -18,22 +18,26 @@ Corpora (made once under --work, as parquet, the format the hub serves smoltalk2
 
 Measured in one run:
   1. `prep build` on those files, as a subprocess, from the parquet to finished shards
-     (start-up, reading, checking, rendering, encoding, packing, writing, hashing), and a
-     1-document build: its fixed start-up cost;
-  2. the reference: bare fastokens on the same ChatML texts, rendered beforehand and in memory,
-     one thread per core, each call one batch of texts as the build makes them, both
-     `encode_batch_flat` and `encode_batch`; the faster of the two is the reference;
+     (start-up, reading, checking, rendering, encoding, packing, writing, hashing);
+  2. the reference: bare fastokens on the same ChatML texts, in a fresh process that renders them
+     beforehand (with the build's own stages) and then encodes each text once, one thread per
+     core, each call one batch of texts as the build makes them, with `encode_batch_flat` (the
+     faster of fastokens' batch calls): what a pipeline that only tokenized would take;
+  3. after the runs, alone, a 1-document build: the fixed start-up cost;
 and prints the ratio (goal >= 0.5 after start-up), tokens/s (goal >= 12M), BFD fill at 32k (goal
 >= 99.8%), tokens kept (goal 100%) and the build's peak RSS, with its RSS at each quarter of the
 run (goal <= 1 GB, flat).
 
 Why the two are interleaved in slices: the speed of this shared 2-core machine moves by up to 2x
-within a minute. Every --slice seconds the build is stopped (SIGSTOP), the bare encoder runs for
---slice seconds, and the build goes on (SIGCONT), so both see the same machine. The build's time
-is the time it was running; the bare encoder's time in a slice is each thread's span up to the
-end of its last call. `--calibrate` slices a process that runs the bare encoder itself, which
-should come out at 1.00. To tell whether a change to prep helps, race two versions with
-`--against`: each build runs a slice while the other is stopped.
+within a minute. Every --slice seconds of its running the build is stopped (SIGSTOP), the bare
+encoder runs for --slice seconds, and the build goes on (SIGCONT), so both see the same machine
+moments; once the bare encoder is done (it needs a fraction of the build's time), the build runs
+on alone. Each one's time is the time it was running. Why the reference encodes each text once,
+in a process of its own: fastokens caches the words it has encoded in its threads, so a second
+pass over the same texts runs ~15% faster, which no build gets (an earlier version of this script
+cycled over the texts and was flattered so). `--calibrate` races two such references (should
+come out at 1.00). To tell whether a change to prep helps, race two versions with `--against`:
+each build runs a slice while the other is stopped.
 """
 
 import argparse
@@ -46,10 +50,9 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter, defaultdict
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,81 +141,80 @@ def rendered_batches(paths: dict[str, Path], rows_read: dict[str, int]) -> list[
     return batches
 
 
-class BareEncoder:
-    """The reference: fastokens on the rendered texts in memory, one thread per core, in slices that
-    alternate between `encode_batch_flat` and `encode_batch`, each call one batch.
+class BareChild:
+    """The reference: bare fastokens in a process of its own, on the ChatML texts the build used,
+    rendered by the build's own stages (read -> check -> render) before its clock starts, each text
+    encoded once, with `encode_batch_flat` (the faster of fastokens' two batch calls), one thread
+    per core, each call one of the build's batches, in the build's order.
 
-    Each call gets fresh copies of its strings: fastokens reads a str's UTF-8, which CPython builds
-    and then keeps inside a non-ASCII str, so calling it again on the same objects skips that work
-    (on the synthetic corpus, 96% of whose texts hold a non-ASCII character, 7 instead of 15 ns per
-    token, one core) while a build, like any real pipeline, encodes each text once. The copies
-    (s[:1] + s[1:]) cost the reference well under 1 ns per token."""
+    Once, and in a fresh process, because that is what a build does: fastokens keeps per-thread
+    caches of the words it has encoded, so encoding the same texts again runs ~15% faster (200M
+    synthetic tokens, 2 threads: 96.9 M tokens/s the first time, 114.3 and 112.8 the next two),
+    and a str keeps the UTF-8 fastokens made of it, so a second call on the same objects skips
+    that work too.
 
-    def __init__(self, tokenizer_json: Path, batches: list[list[str]]):
-        import fastokens
+    `run_slice` lets it run for about `seconds` (SIGCONT ... SIGSTOP) and counts its running time;
+    it is `done` once it has printed its token count."""
 
-        self.workers = os.cpu_count()
-        self.pool = ThreadPoolExecutor(self.workers)
-        fast = fastokens.Tokenizer.from_file(str(tokenizer_json))
-        self.modes = {
-            "encode_batch_flat": lambda batch: len(fast.encode_batch_flat(fresh(batch))[0]) // 4,
-            "encode_batch": lambda batch: sum(len(encoding) for encoding in fast.encode_batch(fresh(batch))),
-        }
-        self.batches = itertools.cycle(batches)
-        self.turns = itertools.cycle(self.modes)
-        self.tokens, self.seconds = Counter(), Counter()  # per mode, since the last reset()
+    def __init__(self, paths: dict[str, Path], rows_read: dict[str, int], tokenizer_json: Path):
+        spec = json.dumps({"paths": {name: str(path) for name, path in paths.items()}, "rows_read": rows_read,
+                           "tokenizer": str(tokenizer_json)})
+        self.proc = subprocess.Popen([sys.executable, __file__, "--bare-child", spec], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "ready\n", "the bare encoder child failed to start"
+        self.seconds, self.tokens, self.started = 0.0, None, False
+
+    @property
+    def done(self) -> bool:
+        return self.tokens is not None
 
     def run_slice(self, seconds: float) -> None:
-        """Keep every thread busy for about `seconds`, then let the calls still running finish.
-        The slice's time is each thread's span from the start to the end of its last call,
-        averaged over the threads: gaps between calls count, the idle tail at the end does not."""
-        mode = next(self.turns)
-        encode = self.modes[mode]
-
-        def timed(batch) -> tuple[int, int, float]:
-            return encode(batch), threading.get_ident(), time.perf_counter()
-
+        if not self.started:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+            self.started = True
+        else:
+            self.proc.send_signal(signal.SIGCONT)
         start = time.perf_counter()
-        deadline, running, last_end = start + seconds, set(), {}
-        while True:
-            while len(running) < 2 * self.workers and time.perf_counter() < deadline:
-                running.add(self.pool.submit(timed, next(self.batches)))
-            if not running:
-                break
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                num_tokens, thread, end = future.result()
-                self.tokens[mode] += num_tokens
-                last_end[thread] = max(end, last_end.get(thread, end))
-        self.seconds[mode] += sum(end - start for end in last_end.values()) / self.workers
+        while self.proc.poll() is None and time.perf_counter() - start < seconds:
+            time.sleep(0.002)
+        self.seconds += time.perf_counter() - start
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+        else:
+            assert self.proc.returncode == 0, f"the bare encoder child failed ({self.proc.returncode})"
+            self.tokens = int(self.proc.stdout.readline())
 
-    def rates(self) -> dict[str, float]:
-        """Tokens/s per mode, over the slices since the last reset()."""
-        return {mode: self.tokens[mode] / self.seconds[mode] for mode in self.modes if self.seconds[mode]}
-
-    def reset(self) -> None:
-        self.tokens.clear()
-        self.seconds.clear()
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
 
 
-def fresh(texts: list[str]) -> list[str]:
-    """New str objects with the same text (and none of the UTF-8 a previous call left in them)."""
-    return [text[:1] + text[1:] for text in texts]
+def bare_child(spec: str) -> None:
+    """BareChild's process: render the texts, say "ready", wait for "go", encode, print the tokens."""
+    import fastokens
+
+    spec = json.loads(spec)
+    batches = rendered_batches({name: Path(path) for name, path in spec["paths"].items()}, spec["rows_read"])
+    fast = fastokens.Tokenizer.from_file(spec["tokenizer"])
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        print(sum(len(ids) // 4 for ids, _ in pool.map(lambda batch: fast.encode_batch_flat(batch), batches)),
+              flush=True)
 
 
-def run_sliced(cmd: list[str], bare: BareEncoder, slice_s: float, log: Path, ready_line: bool = False):
-    """Run cmd, stopping it every slice_s seconds of its running for a slice of the bare encoder.
-    Returns the process, its running seconds and its RSS samples (MB, against running seconds).
-    With ready_line, the clock starts when the process prints its first line (--calibrate's child)."""
+def run_sliced(cmd: list[str], bare: BareChild, slice_s: float, log: Path):
+    """Run cmd, stopping it every slice_s seconds of its running for a slice of the bare encoder,
+    until the bare encoder is done; then the build runs on alone. Returns its running seconds and
+    its RSS samples (MB, against running seconds)."""
     import psutil
 
-    proc = subprocess.Popen(cmd, stderr=log.open("w"), stdout=subprocess.PIPE if ready_line else None, text=True)
-    if ready_line:
-        proc.stdout.readline()
+    proc = subprocess.Popen(cmd, stderr=log.open("w"))
     running, rss = 0.0, []
     while True:
         start = time.perf_counter()
-        while proc.poll() is None and time.perf_counter() - start < slice_s:
+        while proc.poll() is None and (bare.done or time.perf_counter() - start < slice_s):
             try:  # a sample every ~5 ms: enough to see the peak and whether it grows
                 rss.append((running + time.perf_counter() - start, psutil.Process(proc.pid).memory_info().rss / 2**20))
             except psutil.NoSuchProcess:
@@ -224,42 +226,33 @@ def run_sliced(cmd: list[str], bare: BareEncoder, slice_s: float, log: Path, rea
         proc.send_signal(signal.SIGSTOP)
         bare.run_slice(slice_s)
         proc.send_signal(signal.SIGCONT)
+    while not bare.done:  # a build faster than the bare encoder: let it finish
+        bare.run_slice(slice_s)
     assert proc.returncode == 0, f"{cmd[:2]} failed ({proc.returncode}): {log.read_text()[-2000:]}"
-    return proc, running, rss
+    return running, rss
 
 
-def sliced_build(cmd: list[str], out: Path, bare: BareEncoder, slice_s: float) -> dict:
-    """One `prep build`, sliced with the bare encoder: its manifest, running seconds, RSS, reference rates."""
-    bare.reset()
-    _, seconds, rss = run_sliced(cmd, bare, slice_s, out.with_name(out.name + ".log"))
+def sliced_build(cmd: list[str], out: Path, bare: BareChild, slice_s: float) -> dict:
+    """One `prep build`, sliced with a fresh bare encoder: its manifest, running seconds, RSS, the reference's rate."""
+    seconds, rss = run_sliced(cmd, bare, slice_s, out.with_name(out.name + ".log"))
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"manifest": manifest, "seconds": seconds, "rss": rss, "rates": bare.rates()}
+    return {"manifest": manifest, "seconds": seconds, "rss": rss, "rate": bare.rate}
 
 
-def bare_child(texts_path: str) -> None:
-    """--calibrate's child: the bare encoder on the batches, as fast as it goes; prints the tokens."""
-    import fastokens
-
-    from prep.tokenizer import load_encoder
-
-    batches = json.loads(Path(texts_path).read_text())
-    fast = fastokens.Tokenizer.from_file(str(load_encoder().tokenizer_json))
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        print("ready", flush=True)
-        print(sum(len(ids) // 4 for ids, _ in pool.map(lambda batch: fast.encode_batch_flat(fresh(batch)), batches)),
-              flush=True)
+def plain_seconds(cmd: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
 
 
-def calibrate(batches: list[list[str]], bare: BareEncoder, work: Path, slice_s: float) -> float:
-    """The ratio the method gives for the bare encoder against itself (should be 1.00)."""
-    path = work / "bench-texts.json"
-    path.write_text(json.dumps(batches))
-    bare.reset()
-    proc, seconds, _ = run_sliced([sys.executable, __file__, "--bare-child", str(path)], bare, slice_s,
-                                  work / "calibrate.log", ready_line=True)
-    num_tokens = int(proc.stdout.readline())
-    path.unlink()
-    return num_tokens / seconds / bare.rates()["encode_batch_flat"]
+def calibrate(make_bare, slice_s: float) -> float:
+    """The method against itself: two bare encoders taking turns in slices; their rates' ratio (should be 1.00)."""
+    first, second = make_bare(), make_bare()
+    while not (first.done and second.done):
+        for bare in (first, second):
+            if not bare.done:
+                bare.run_slice(slice_s)
+    return first.rate / second.rate
 
 
 def head_to_head(commands: dict[str, list[str]], slice_s: float) -> dict[str, float]:
@@ -382,9 +375,11 @@ def profile(cmd: list[str], work: Path, rate: int = 50) -> None:
 def serial(paths: dict[str, Path], manifest: dict, tokenizer_json: Path, repeats: int) -> None:
     """On one core: read + check + render (+ the texts as Python strings, which fastokens takes),
     then mix + pack + write + hash on batches encoded beforehand, and bare fastokens alone; each
-    in tokens per CPU-second. The build runs the first on a reader thread per source and the
-    second on its main thread, so those cap it whatever the number of cores (they hold the GIL
-    only between Arrow kernels, numpy copies and hashing); encoding scales with the cores."""
+    in tokens per CPU-second of the whole process (fastokens encodes on its own thread pool, and
+    the shard writer has a thread too; all are pinned to the one core). The build runs the first
+    on a reader thread per source and the second on its main and writer threads, so those cap it
+    whatever the number of cores (they hold the GIL only between Arrow kernels, numpy copies and
+    hashing); encoding scales with the cores."""
     import fastokens
 
     from prep.check import check
@@ -401,7 +396,7 @@ def serial(paths: dict[str, Path], manifest: dict, tokenizer_json: Path, repeats
     num_tokens = manifest["counts"]["tokens"]
 
     def cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_THREAD)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
     def read_check_render() -> list:
@@ -424,7 +419,7 @@ def serial(paths: dict[str, Path], manifest: dict, tokenizer_json: Path, repeats
         texts = [batch.texts.to_pylist() for batch in batches]
         start = cpu()
         for batch_texts in texts:
-            fast.encode_batch_flat(fresh(batch_texts))
+            fast.encode_batch_flat(batch_texts)
         results["bare fastokens encode_batch_flat"].append(num_tokens / (cpu() - start))
         with ThreadPoolExecutor(1) as pool:
             encoded = list(encode(iter(batches), encoder, pool, in_flight=2))
@@ -448,7 +443,8 @@ def serial(paths: dict[str, Path], manifest: dict, tokenizer_json: Path, repeats
     for name, value in rate.items():
         print(f"  {name:40s} {value / 1e6:7.1f} M")
     print(f"  {'readers (one per source, largest share ' + format(max(shares), '.0%') + ')':40s} {readers / 1e6:7.1f} M")
-    print(f"  cap of the threads that don't scale: {cap / 1e6:.1f} M tokens/s (the readers and the main thread)")
+    print(f"  cap of the threads that don't scale: {cap / 1e6:.1f} M tokens/s (the readers; the main and writer threads, "
+          "counted as one)")
     for cores in (2, 16, 64):
         encoding = cores * rate["bare fastokens encode_batch_flat"]
         print(f"  {cores:2d} cores: encoding {encoding / 1e6:7.1f} M tokens/s: projected {min(encoding, cap) / 1e6:.1f} M tokens/s")
@@ -500,27 +496,28 @@ def main():
     tokenizer_json = load_encoder(manifest["tokenizer"]["name"]).tokenizer_json
     if args.serial:
         return serial(paths, manifest, tokenizer_json, args.repeats)
-    batches = rendered_batches(paths, {s["name"]: s["rows_read"] for s in manifest["sources"]})
-    bare = BareEncoder(tokenizer_json, batches)
+    rows_read = {source["name"]: source["rows_read"] for source in manifest["sources"]}
 
-    kinds = ["parquet", "start-up"] + (["jsonl.gz"] if args.jsonl and not real else [])
+    def make_bare() -> BareChild:
+        return BareChild(paths, rows_read, tokenizer_json)
+
+    kinds = ["parquet"] + (["jsonl.gz"] if args.jsonl and not real else [])
     runs = {kind: [] for kind in kinds}
-    commands = {"parquet": (prep_command(paths, num_tokens, out), out),
-                "start-up": (prep_command(paths, 1, work / "shards-tiny"), work / "shards-tiny")}
+    commands = {"parquet": (prep_command(paths, num_tokens, out), out)}
     if "jsonl.gz" in kinds:
         commands["jsonl.gz"] = (prep_command(make_corpus(work, num_tokens, ".jsonl.gz"), num_tokens, work / "shards-gz"),
                                 work / "shards-gz")
+    startups = []
     for _ in range(args.repeats):
         for kind in kinds:
-            runs[kind].append(sliced_build(*commands[kind], bare, args.slice))
+            runs[kind].append(sliced_build(*commands[kind], make_bare(), args.slice))
+        startups.append(plain_seconds(prep_command(paths, 1, work / "shards-tiny")))
+    startup = statistics.median(startups)
 
     def ratios(kind: str, minus_startup: bool = False) -> list[float]:
-        """Per run: the build's tokens/s over the faster bare mode's tokens/s in the same run's slices."""
-        values = []
-        for run, startup in zip(runs[kind], runs["start-up"]):
-            seconds = run["seconds"] - (startup["seconds"] if minus_startup else 0)
-            values.append(run["manifest"]["counts"]["tokens"] / seconds / max(run["rates"].values()))
-        return values
+        """Per run: the build's tokens/s over the bare encoder's tokens/s in the same run's slices."""
+        return [run["manifest"]["counts"]["tokens"] / (run["seconds"] - (startup if minus_startup else 0)) / run["rate"]
+                for run in runs[kind]]
 
     def show(values: list[float]) -> str:
         return f"{statistics.median(values):.2f}" + (f" (runs: {', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else "")
@@ -530,29 +527,25 @@ def main():
 
     manifest = runs["parquet"][-1]["manifest"]
     counts = manifest["counts"]
-    rate = {mode: statistics.median(run["rates"][mode] for run in runs["parquet"]) for mode in bare.modes}
     input_tokens = counts["tokens"] + counts["truncated_tokens"] + counts["dropped_tokens"]
     print(f"median of {args.repeats} runs each, build and bare encoder interleaved in {args.slice:g} s slices; "
           f"load average {os.getloadavg()[0]:.2f} at the end")
-    print(f"bare fastokens ({bare.workers} threads, rendered texts in memory, the build's batches): "
-          + ", ".join(f"{mode} {value / 1e6:.2f} M tokens/s" for mode, value in rate.items())
-          + "; in each run the faster is the reference")
+    print(f"bare fastokens (encode_batch_flat, {os.cpu_count()} threads, a fresh process, each text once): "
+          f"{statistics.median(run['rate'] for run in runs['parquet']) / 1e6:.2f} M tokens/s")
     print(f"prep build, parquet -> shards: {counts['tokens'] / 1e6:.1f} M tokens in {median_seconds('parquet'):.1f} s = "
           f"{counts['tokens'] / median_seconds('parquet') / 1e6:.2f} M tokens/s  (goal >= 12)")
     print(f"ratio prep / bare fastokens, end to end: {show(ratios('parquet'))}")
-    print(f"  start-up (imports, tokenizer, opening sources; a 1-document build): {median_seconds('start-up'):.1f} s; "
+    print(f"  start-up (imports, tokenizer, opening sources; a 1-document build, alone): {startup:.1f} s; "
           f"after it: ratio {show(ratios('parquet', minus_startup=True))}  (goal >= 0.5)")
     if "jsonl.gz" in runs:
         print(f"  same corpus as jsonl.gz: ratio {show(ratios('jsonl.gz'))}")
     if args.calibrate:
-        print(f"  the method against itself (--calibrate, should be 1.00): {calibrate(batches, bare, work, args.slice):.2f}")
+        print(f"  the method against itself (--calibrate, should be 1.00): {calibrate(make_bare, args.slice):.2f}")
     print(f"BFD fill at {manifest['seq_len']}: {counts['tokens'] / (counts['sequences'] * manifest['seq_len']):.3%}  "
           f"(goal >= 99.8%)")
     print(f"tokens kept: {counts['tokens'] / input_tokens:.3%} ({counts['split']} documents split, none truncated or "
           f"dropped); encoder fallbacks: {counts['encoder_fallbacks']}  (goal 100%)")
     for kind in runs:
-        if kind == "start-up":
-            continue
         rss = max(runs[kind], key=lambda run: max(mb for _, mb in run["rss"]))["rss"]
         quarters = [max(mb for t, mb in rss if t <= rss[-1][0] * q / 4) for q in (1, 2, 3, 4)]
         print(f"peak RSS of prep build ({kind}): {quarters[-1]:.0f} MB; peak by the end of each quarter of the run: "
