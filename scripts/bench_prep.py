@@ -173,21 +173,27 @@ class BareChild:
             self.proc.stdin.write("go\n")
             self.proc.stdin.flush()
             self.started = True
-        else:
-            self.proc.send_signal(signal.SIGCONT)
-        start = time.perf_counter()
-        while self.proc.poll() is None and time.perf_counter() - start < seconds:
-            time.sleep(0.002)
-        self.seconds += time.perf_counter() - start
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGSTOP)
-        else:
+        self.seconds += take_turn(self.proc, seconds)
+        if self.proc.poll() is not None:
             assert self.proc.returncode == 0, f"the bare encoder child failed ({self.proc.returncode})"
             self.tokens = int(self.proc.stdout.readline())
 
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds
+
+
+def take_turn(proc: subprocess.Popen, seconds: float | None) -> float:
+    """Let a (stopped) process run for `seconds` (None: to its end), stop it again unless it ended;
+    the seconds it ran."""
+    proc.send_signal(signal.SIGCONT)
+    start = time.perf_counter()
+    while proc.poll() is None and (seconds is None or time.perf_counter() - start < seconds):
+        time.sleep(0.002)
+    ran = time.perf_counter() - start
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGSTOP)
+    return ran
 
 
 def bare_child(spec: str) -> None:
@@ -200,7 +206,7 @@ def bare_child(spec: str) -> None:
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         print("ready", flush=True)
         sys.stdin.readline()
-        print(sum(len(ids) // 4 for ids, _ in pool.map(lambda batch: fast.encode_batch_flat(batch), batches)),
+        print(sum(len(ids) // 4 for ids, _ in pool.map(fast.encode_batch_flat, batches)),
               flush=True)
 
 
@@ -268,13 +274,7 @@ def head_to_head(commands: dict[str, list[str]], slice_s: float) -> dict[str, fl
             if proc.poll() is not None:
                 continue
             alone = all(other.poll() is not None for other in procs.values() if other is not proc)
-            proc.send_signal(signal.SIGCONT)
-            start = time.perf_counter()
-            while proc.poll() is None and (alone or time.perf_counter() - start < slice_s):
-                time.sleep(0.002)
-            running[name] += time.perf_counter() - start
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGSTOP)
+            running[name] += take_turn(proc, None if alone else slice_s)
     failed = {name: proc.returncode for name, proc in procs.items() if proc.returncode}
     assert not failed, f"builds failed: {failed}"
     return running
