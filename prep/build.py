@@ -14,24 +14,26 @@ come back in submission order, so the same inputs and settings give the same byt
 `--workers` is. This thread mixes and packs; the shards are written, hashed and fsynced on a
 writer thread, which also saves the resume state after every shard (prep.shards.ShardWriter).
 The manifest is written last. Peak memory is bounded by the batches in flight, the packing
-window and the writer's few record batches.
+window and the writer's few record batches (and glibc's malloc arenas are capped: `fewer_arenas`).
+While the tokenizer loads (1-2 s, on a thread of its own), the readers read further ahead.
 
 Faults a cluster throws: one build per `--out` (prep/lock.py); SIGTERM or SIGUSR1 stops at the
 next shard, resumable (prep/preempt.py); a full disk stops with one line (prep/shards.py,
 DiskFull), resumable once there is space; changed local inputs refuse a resume (prep/state.py).
 """
 
+import ctypes
 import hashlib
 import json
 import os
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from queue import Full, Queue
 from typing import Iterator, Literal
 
 from prep import state
@@ -45,6 +47,10 @@ from prep.settings import check_choices
 from prep.shards import MANIFEST, ShardWriter, manifest, write, write_json_atomic
 from prep.sources import Batch, Source, check_spec, local_files, num_rows, read, resolve_sources
 from prep.tokenizer import DEFAULT_TOKENIZER, encode, load_encoder
+
+# Text the readers may read ahead, all sources together, while the tokenizer loads (1-2 s in which
+# nothing can be encoded): about what one core reads, checks and renders meanwhile.
+WARM_UP_BYTES = 128 << 20
 
 
 @dataclass
@@ -112,6 +118,7 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     SIGUSR1 stopped it at a clean point, DiskFull when a write found no space: after the last two,
     the same call resumes."""
     shares = cfg.check()
+    fewer_arenas()
     sources = resolve_sources(list(shares), cfg.sources, cfg.sample)
     for source in sources:
         check_spec(source.spec)
@@ -155,7 +162,8 @@ def run(cfg: BuildConfig, shares: dict[str, float], sources: list[Source], out: 
     pool = ThreadPoolExecutor(workers)
     readers = []
     try:  # the stages: one chain per source up to the mixer (module docstring)
-        readers = [ahead(render(check(read(source.spec, index, given.rows_read)), spans=cfg.loss_on == "assistant"))
+        readers = [ahead(render(check(read(source.spec, index, given.rows_read)), spans=cfg.loss_on == "assistant"),
+                         warm_up=encoder.loading, warm_up_bytes=WARM_UP_BYTES // len(sources))
                    for index, (source, given) in enumerate(zip(sources, stats))]
         streams = [documents(long_documents(encode(reader, encoder, pool, in_flight=workers + 2,
                                                    budget=cfg.max_tokens * shares[source.name] if cfg.max_tokens else None,
@@ -208,34 +216,53 @@ def run(cfg: BuildConfig, shares: dict[str, float], sources: list[Source], out: 
     return result
 
 
-def ahead(batches: Iterator[Batch], depth: int = 4) -> Iterator[Batch]:
+def ahead(batches: Iterator[Batch], depth: int = 4, warm_up=lambda: False, warm_up_bytes: int = 0) -> Iterator[Batch]:
     """`batches` produced on a thread of their own, up to `depth` ahead. Reading, checking and
     rendering are Arrow kernels, which release the GIL, so each source's reader runs beside this
     thread (mixing, packing, writing) and the encoder threads: on one core this thread alone would
-    cap a build at ~45M tokens/s (`scripts/bench_prep.py --serial`). Order is kept, so the bytes
-    don't change; closing the generator stops the thread."""
-    queue: Queue = Queue(depth)
+    cap a build at ~45M tokens/s (`scripts/bench_prep.py --serial`). While `warm_up()` holds (the
+    tokenizer is loading: 1-2 s in which nothing can be encoded) it reads on, up to `warm_up_bytes`
+    of text, so that time isn't lost to reading later. Order is kept, so the bytes don't change;
+    closing the generator stops the thread."""
+    queue: deque = deque()  # (batch or None at the end or an error, its bytes of text)
+    changed = threading.Condition()  # an item in, or one out
     stop = threading.Event()
+    queued_bytes = 0
+
+    def has_room() -> bool:
+        return len(queue) < depth or (queued_bytes < warm_up_bytes and warm_up())
+
+    def put(item, num_bytes: int = 0) -> None:
+        nonlocal queued_bytes
+        with changed:
+            while not stop.is_set() and not has_room():
+                changed.wait(0.05)  # also wakes up to see the warm-up end
+            queue.append((item, num_bytes))
+            queued_bytes += num_bytes
+            changed.notify_all()
 
     def produce() -> None:
         try:
             for batch in batches:
-                while not stop.is_set():
-                    try:
-                        queue.put(batch, timeout=0.1)
-                        break
-                    except Full:
-                        pass
+                put(batch, 0 if batch.text_bytes is None else int(batch.text_bytes.sum()))
                 if stop.is_set():
                     return
-            queue.put(None)
+            put(None)
         except BaseException as error:  # raised again on the consuming thread
-            queue.put(error)
+            put(error)
 
     thread = threading.Thread(target=produce, daemon=True, name="prep-reader")
     thread.start()
     try:
-        while (item := queue.get()) is not None:
+        while True:
+            with changed:
+                while not queue:
+                    changed.wait()
+                item, num_bytes = queue.popleft()
+                queued_bytes -= num_bytes
+                changed.notify_all()
+            if item is None:
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -255,6 +282,17 @@ def save_state(out: Path, build_id: str, inputs: list, writer: ShardWriter, snap
     was handed over, with the shards written so far."""
     meta, ready, open_, pending = snapshot
     state.save(out, {"build_id": build_id, "inputs": inputs, "shards": list(writer.shards)} | meta, ready, open_, pending)
+
+
+def fewer_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (M_ARENA_MAX, for the whole process) before the build starts its
+    threads. By default a thread that allocates may get an arena of its own (up to 8 per core), and
+    memory freed stays in the arena it came from: a 200M-token build kept ~250 MB freed but not
+    given back (mallinfo2) and peaked at 930-950 MB RSS; with 2 arenas at 780-800 MB, as fast
+    (BENCHMARKS.md). Other C libraries (macOS, musl) have no such call or ignore it."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(-8, arenas)  # M_ARENA_MAX in glibc's malloc.h
 
 
 def input_files(sources: list[Source]) -> list:

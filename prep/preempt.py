@@ -8,10 +8,11 @@ at tens of M tokens/s), but a stalled source (a hub stream waiting on the networ
 next one for any time, and the scheduler kills 30 s after its signal by default. So the wait is
 bounded: GRACE_S after the signal, or at a second signal, the build exits at once, as a kill would,
 and its rerun resumes from the last saved state (a kill at any moment is safe: prep/state.py),
-redoing only the unfinished shard. A signal during start-up takes effect once the tokenizer is
-loaded (one call into Rust that no Python handler interrupts; ~2 s for SmolLM3's): the first clean
-point comes right after it. On the embedded sample (scripts/chaos_prep.py --term 10), signal to
-exit took 0.06 to 1.7 s, median 0.56 s, most of it that start-up.
+redoing only the unfinished shard. The first clean point is before the stages start, when the
+resume state is first saved; the tokenizer (~2 s for SmolLM3's, one call into Rust) loads on a
+thread of its own meanwhile, so a signal that comes later in start-up waits for the first shard.
+On the embedded sample (scripts/chaos_prep.py --term 10), signal to exit took 0.07 to 2.1 s,
+median 0.68 s (0.06 to 1.7 s, median 0.56 s, when the tokenizer loaded first).
 
 Python runs signal handlers on the main thread only; the reader threads and the encoder pool
 don't see the signal, and stop when the build's main thread unwinds (build.py closes them).

@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import sys
+import threading
 from collections import deque
 from concurrent.futures import Executor
 from functools import cached_property, lru_cache
@@ -175,7 +176,7 @@ class Encoder:
 
     What fastokens may do for this tokenizer (and the vocabulary facts the build needs) is worked
     out once per tokenizer.json and library versions and cached, so a build doesn't load
-    `tokenizers` (0.5 s) to start; loading fastokens itself takes 1-2 s.
+    `tokenizers` (0.5 s) to start; loading fastokens itself takes 1-2 s, on a thread of its own.
     """
 
     def __init__(self, tokenizer_json: Path, name: str):
@@ -193,8 +194,29 @@ class Encoder:
         if self.byte_level and token_bytes is None:
             token_bytes = np.load(bytes_path, allow_pickle=False)
         self.token_bytes = token_bytes  # bytes each id spells, for byte-level vocabularies
-        self.fast = None if self.fallback_reason else fast or _load_fastokens(self.tokenizer_json)
-        self.kind = "fastokens" if self.fast is not None else "tokenizers"
+        self.kind = "tokenizers" if self.fallback_reason else "fastokens"
+        # Loading fastokens takes 1-2 s in Rust, with the GIL released: it runs on a thread of its
+        # own while the build gets going (its readers fill their queues); the first encode waits.
+        self._fast, self._loading = fast, None
+        if self.kind == "fastokens" and fast is None:
+            self._loading = _Loading(self.tokenizer_json)
+
+    @property
+    def fast(self):
+        """The fastokens tokenizer (None when `tokenizers` encodes), once it has loaded."""
+        loading = self._loading  # read once: encoder threads may ask at the same moment
+        if loading is not None:
+            self._fast, self._loading = loading.result(), None
+        return self._fast
+
+    @fast.setter
+    def fast(self, tokenizer) -> None:
+        self._fast, self._loading = tokenizer, None
+
+    def loading(self) -> bool:
+        """Whether fastokens is still loading (the build reads further ahead meanwhile)."""
+        loading = self._loading
+        return loading is not None and loading.thread.is_alive()
 
     @cached_property
     def backend(self):
@@ -326,6 +348,27 @@ def _load_fastokens(tokenizer_json: Path):
     import fastokens
 
     return fastokens.Tokenizer.from_file(str(tokenizer_json), **PCRE2_LIMITS)
+
+
+class _Loading:
+    """_load_fastokens on a daemon thread; `result()` waits for it (and raises what it raised)."""
+
+    def __init__(self, tokenizer_json: Path):
+        self.tokenizer, self.error = None, None
+        self.thread = threading.Thread(target=self._load, args=(tokenizer_json,), daemon=True, name="prep-load-fastokens")
+        self.thread.start()
+
+    def _load(self, tokenizer_json: Path) -> None:
+        try:
+            self.tokenizer = _load_fastokens(tokenizer_json)
+        except BaseException as error:
+            self.error = error
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.tokenizer
 
 
 def _byte_level_lengths(backend) -> np.ndarray | None:

@@ -270,3 +270,24 @@ def test_cached_encoder_equals_fresh(encoder, tmp_path, monkeypatch):
 
 def test_encode_returns_uint32(encoder):
     assert encoder.encode("hello").dtype == np.uint32
+
+
+def test_fastokens_loads_on_a_thread_and_a_failed_load_raises_at_the_first_encode(encoder, tmp_path, monkeypatch):
+    """With its verdict cached, fastokens (1-2 s to load) loads on a thread of its own while the
+    build gets going: the encoder is there at once, the first encode waits for the load, and a load
+    that fails raises there rather than falling back without a word."""
+    monkeypatch.setenv("PREP_CACHE", str(tmp_path))
+    Encoder(encoder.tokenizer_json, "smol")  # inspects the tokenizer.json and caches the verdict
+    cached = Encoder(encoder.tokenizer_json, "smol")
+    assert cached.kind == "fastokens" and cached.loading()
+    texts = wide_texts()
+    assert cached.encode_batch(texts)[0].tolist() == encoder.encode_batch(texts)[0].tolist()
+    assert not cached.loading()
+
+    def broken_load(path):
+        raise OSError(f"can't read {path}")
+
+    monkeypatch.setattr(prep.tokenizer, "_load_fastokens", broken_load)
+    broken = Encoder(encoder.tokenizer_json, "smol")
+    with pytest.raises(OSError, match="can't read"):
+        broken.encode("hello")
