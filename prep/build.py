@@ -320,6 +320,9 @@ class Progress:
                         desc="prep build", disable=not (cfg.progress and sys.stderr.isatty()))
 
     def track(self, docs: Iterator[Doc]) -> Iterator[Doc]:
+        if self.bar.disable:  # no terminal, or --no-progress: nothing to draw, nothing to estimate
+            yield from docs
+            return
         for doc in docs:
             self.bar.update(len(doc.ids))
             if self.num_rows and None not in self.num_rows:

@@ -64,9 +64,12 @@ def measure(cmd: list[str], log: Path) -> tuple[float, float, float]:
     workers share some pages with their parent). The sampling every 50 ms can miss a short spike,
     so the tree's peak is at least ru_maxrss. ru_maxrss counts the RSS of *this* process at fork
     time too (Linux carries the high-water mark across exec), which is why this process never
-    imports torch, transformers or datasets itself."""
+    imports torch, transformers or datasets itself. Each command starts after an `os.sync()`: ours
+    fsyncs its shards, and on ext4 an fsync can wait for the previous peer's unwritten data
+    (TRL's and datatrove's outputs and caches, hundreds of MB) to reach the disk first."""
     import psutil
 
+    os.sync()  # outside the clock: the previous command's writes reach the disk before this one runs
     with open(log, "w") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
