@@ -8,13 +8,13 @@ before it, in the module named for it:
         -> documents, mix (mix) -> pack -> write (shards)
 
 One such chain per source up to `documents`; the mixer interleaves them. Reading, checking and
-rendering run on a thread per source (`ahead`), with Arrow kernels that release the GIL; encoding
+rendering run on a thread per source (`ReadAhead`), with Arrow kernels that release the GIL; encoding
 runs on a thread pool, several batches ahead, with fastokens releasing the GIL, and its results
 come back in submission order, so the same inputs and settings give the same bytes whatever
 `--workers` is. This thread mixes and packs; the shards are written, hashed and fsynced on a
 writer thread, which also saves the resume state after every shard (prep.shards.ShardWriter).
 The manifest is written last. Peak memory is bounded by the batches in flight, the packing
-window and the writer's few record batches (and glibc's malloc arenas are capped: `fewer_arenas`).
+window and the writer's few record batches; Arrow and the rest share one malloc (`one_heap`).
 While the tokenizer loads (1-2 s, on a thread of its own), the readers read further ahead.
 
 Faults a cluster throws: one build per `--out` (prep/lock.py); SIGTERM or SIGUSR1 stops at the
@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Literal
+
+import pyarrow as pa
 
 from prep import state
 from prep.check import check
@@ -118,7 +120,7 @@ def build(cfg: BuildConfig, log=lambda msg: print(msg, file=sys.stderr)) -> dict
     SIGUSR1 stopped it at a clean point, DiskFull when a write found no space: after the last two,
     the same call resumes."""
     shares = cfg.check()
-    fewer_arenas()
+    one_heap()
     sources = resolve_sources(list(shares), cfg.sources, cfg.sample)
     for source in sources:
         check_spec(source.spec)
@@ -162,7 +164,7 @@ def run(cfg: BuildConfig, shares: dict[str, float], sources: list[Source], out: 
     pool = ThreadPoolExecutor(workers)
     readers = []
     try:  # the stages: one chain per source up to the mixer (module docstring)
-        readers = [ahead(render(check(read(source.spec, index, given.rows_read)), spans=cfg.loss_on == "assistant"),
+        readers = [ReadAhead(render(check(read(source.spec, index, given.rows_read)), spans=cfg.loss_on == "assistant"),
                          warm_up=encoder.loading, warm_up_bytes=WARM_UP_BYTES // len(sources))
                    for index, (source, given) in enumerate(zip(sources, stats))]
         streams = [documents(long_documents(encode(reader, encoder, pool, in_flight=workers + 2,
@@ -216,58 +218,66 @@ def run(cfg: BuildConfig, shares: dict[str, float], sources: list[Source], out: 
     return result
 
 
-def ahead(batches: Iterator[Batch], depth: int = 4, warm_up=lambda: False, warm_up_bytes: int = 0) -> Iterator[Batch]:
-    """`batches` produced on a thread of their own, up to `depth` ahead. Reading, checking and
+class ReadAhead:
+    """`batches` produced on a thread of their own, up to `depth` ahead, from the moment it is made
+    (not when first asked: every source reads while the tokenizer loads). Reading, checking and
     rendering are Arrow kernels, which release the GIL, so each source's reader runs beside this
     thread (mixing, packing, writing) and the encoder threads: on one core this thread alone would
     cap a build at ~45M tokens/s (`scripts/bench_prep.py --serial`). While `warm_up()` holds (the
     tokenizer is loading: 1-2 s in which nothing can be encoded) it reads on, up to `warm_up_bytes`
     of text, so that time isn't lost to reading later. Order is kept, so the bytes don't change;
-    closing the generator stops the thread."""
-    queue: deque = deque()  # (batch or None at the end or an error, its bytes of text)
-    changed = threading.Condition()  # an item in, or one out
-    stop = threading.Event()
-    queued_bytes = 0
+    `close()` stops the thread."""
 
-    def has_room() -> bool:
-        return len(queue) < depth or (queued_bytes < warm_up_bytes and warm_up())
+    def __init__(self, batches: Iterator[Batch], depth: int = 4, warm_up=lambda: False, warm_up_bytes: int = 0):
+        self.depth, self.warm_up, self.warm_up_bytes = depth, warm_up, warm_up_bytes
+        self.queue: deque = deque()  # (batch, or None at the end, or an error; its bytes of text)
+        self.queued_bytes = 0
+        self.changed = threading.Condition()  # an item in, or one out
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(batches,), daemon=True, name="prep-reader")
+        self.thread.start()
 
-    def put(item, num_bytes: int = 0) -> None:
-        nonlocal queued_bytes
-        with changed:
-            while not stop.is_set() and not has_room():
-                changed.wait(0.05)  # also wakes up to see the warm-up end
-            queue.append((item, num_bytes))
-            queued_bytes += num_bytes
-            changed.notify_all()
+    def __iter__(self) -> "ReadAhead":
+        return self
 
-    def produce() -> None:
+    def __next__(self) -> Batch:
+        with self.changed:
+            while not self.queue:
+                self.changed.wait()
+            item, num_bytes = self.queue[0]
+            if isinstance(item, Batch):  # the end, or an error, stays at the head: asked again, it says the same
+                self.queue.popleft()
+                self.queued_bytes -= num_bytes
+                self.changed.notify_all()
+        if item is None:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopped.set()
+
+    def _has_room(self) -> bool:
+        return len(self.queue) < self.depth or (self.queued_bytes < self.warm_up_bytes and self.warm_up())
+
+    def _put(self, item, num_bytes: int = 0) -> None:
+        with self.changed:
+            while not self.stopped.is_set() and not self._has_room():
+                self.changed.wait(0.05)  # also wakes up to see the warm-up end
+            self.queue.append((item, num_bytes))
+            self.queued_bytes += num_bytes
+            self.changed.notify_all()
+
+    def _produce(self, batches: Iterator[Batch]) -> None:
         try:
             for batch in batches:
-                put(batch, 0 if batch.text_bytes is None else int(batch.text_bytes.sum()))
-                if stop.is_set():
+                self._put(batch, 0 if batch.text_bytes is None else int(batch.text_bytes.sum()))
+                if self.stopped.is_set():
                     return
-            put(None)
+            self._put(None)
         except BaseException as error:  # raised again on the consuming thread
-            put(error)
-
-    thread = threading.Thread(target=produce, daemon=True, name="prep-reader")
-    thread.start()
-    try:
-        while True:
-            with changed:
-                while not queue:
-                    changed.wait()
-                item, num_bytes = queue.popleft()
-                queued_bytes -= num_bytes
-                changed.notify_all()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+            self._put(error)
 
 
 def snapshot_state(stats: list[SourceStats], mixer: Mixer, packer: BfdPacker | WrappedPacker) -> tuple:
@@ -284,12 +294,16 @@ def save_state(out: Path, build_id: str, inputs: list, writer: ShardWriter, snap
     state.save(out, {"build_id": build_id, "inputs": inputs, "shards": list(writer.shards)} | meta, ready, open_, pending)
 
 
-def fewer_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas (M_ARENA_MAX, for the whole process) before the build starts its
-    threads. By default a thread that allocates may get an arena of its own (up to 8 per core), and
-    memory freed stays in the arena it came from: a 200M-token build kept ~250 MB freed but not
-    given back (mallinfo2) and peaked at 930-950 MB RSS; with 2 arenas at 780-800 MB, as fast
-    (BENCHMARKS.md). Other C libraries (macOS, musl) have no such call or ignore it."""
+def one_heap(arenas: int = 2) -> None:
+    """Arrow allocates from glibc's malloc, as Python, numpy and fastokens do, and glibc keeps at
+    most `arenas` arenas (M_ARENA_MAX); both for the whole process, before the build starts its
+    threads. By default Arrow has a heap of its own (mimalloc), so the text read ahead while the
+    tokenizer loads and the ids that follow never reuse each other's freed memory; and a thread
+    that allocates may get a glibc arena of its own (up to 8 per core), where what is freed stays.
+    Measured at 200M tokens (BENCHMARKS.md): ~250 MB freed but not given back (mallinfo2) with the
+    default arenas, peak RSS 930-950 -> 780-800 MB with 2; then 863 -> 798 MB and 7.6 -> 7.1 s with
+    Arrow on malloc. Other C libraries (macOS, musl) have no mallopt or ignore it."""
+    pa.set_memory_pool(pa.system_memory_pool())
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
         mallopt(-8, arenas)  # M_ARENA_MAX in glibc's malloc.h

@@ -243,16 +243,17 @@ def test_progress_estimate_from_row_counts(tmp_path):
     assert progress.estimate() == 20_000  # a runs out first, when the mix holds 10,000 / 0.5
 
 
-def test_readers_read_further_ahead_only_while_the_tokenizer_loads():
-    """`ahead` keeps `depth` batches ready; while `warm_up()` holds it reads on, up to
-    `warm_up_bytes` of text; either way the batches come out in order."""
+def test_readers_start_at_once_and_read_further_ahead_only_while_the_tokenizer_loads():
+    """A ReadAhead starts reading when it is made, not when first asked (every source reads while
+    the tokenizer loads); it keeps `depth` batches ready, and while `warm_up()` holds it reads on,
+    up to `warm_up_bytes` of text; either way the batches come out in order."""
     import threading
     import time
 
-    from prep.build import ahead
+    from prep.build import ReadAhead
     from prep.sources import Batch
 
-    def produced_after_first(warm_up) -> tuple[list[int], object]:
+    def started(warm_up) -> tuple[list[int], ReadAhead]:
         produced = []
 
         def batches():
@@ -260,8 +261,7 @@ def test_readers_read_further_ahead_only_while_the_tokenizer_loads():
                 produced.append(index)
                 yield Batch(0, index, 1, text_bytes=np.array([10]))
 
-        stream = ahead(batches(), depth=2, warm_up=warm_up, warm_up_bytes=100)
-        assert next(stream).first_row == 0
+        stream = ReadAhead(batches(), depth=2, warm_up=warm_up, warm_up_bytes=100)
         deadline = time.time() + 5
         while time.time() < deadline:  # until the reader thread is blocked, its queue full
             before = len(produced)
@@ -270,16 +270,18 @@ def test_readers_read_further_ahead_only_while_the_tokenizer_loads():
                 break
         return produced, stream
 
-    produced, stream = produced_after_first(lambda: False)
-    assert len(produced) == 1 + 2 + 1  # the one taken, `depth` queued, one waiting for room
-    assert [batch.first_row for batch in stream] == list(range(1, 40))
+    produced, stream = started(lambda: False)
+    assert len(produced) == 2 + 1  # `depth` queued, one waiting for room, none asked for yet
+    assert [batch.first_row for batch in stream] == list(range(40))
+    assert next(stream, "the end") == "the end"
 
     loading = threading.Event()
     loading.set()
-    produced, stream = produced_after_first(loading.is_set)
-    assert len(produced) == 1 + 10 + 1  # 100 bytes of 10-byte batches queued
+    produced, stream = started(loading.is_set)
+    assert len(produced) == 10 + 1  # 100 bytes of 10-byte batches queued
     loading.clear()  # loaded: back to `depth`, so taking one batch reads no other
-    assert next(stream).first_row == 1
+    assert next(stream).first_row == 0
     time.sleep(0.2)
-    assert len(produced) == 12
-    assert [batch.first_row for batch in stream] == list(range(2, 40))
+    assert len(produced) == 11
+    assert [batch.first_row for batch in stream] == list(range(1, 40))
+    stream.close()
