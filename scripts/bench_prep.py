@@ -7,6 +7,7 @@
     .venv/bin/python scripts/bench_prep.py --profile             # py-spy: CPU-seconds per stage of one build
     .venv/bin/python scripts/bench_prep.py --profile --prep /work/main/.venv/bin/prep   # ... of another version
     .venv/bin/python scripts/bench_prep.py --tokens 50e6 --repeats 4 --against ../old/.venv/bin/prep   # A/B two versions
+    .venv/bin/python scripts/bench_prep.py --tokens 50e6 --jsonl --against ../old/.venv/bin/prep      # ... on jsonl.gz
 
 Corpora (made once under --work, as parquet, the format the hub serves smoltalk2 in):
   synthetic (default): scripts/synth.py's rows with realistic lengths (Nemotron-like mean ~5k
@@ -311,6 +312,7 @@ STAGES = [
     (r"prep/pack\.py", None, "pack"),
     (r"prep/shards\.py", None, "write (+ hash)"),
     (r"prep/state\.py", None, "resume state"),
+    (r"prep/build\.py", r"^(ReadAhead\.|ahead)", "read"),  # a source's reader thread and its queue
     (r"prep/build\.py", r"^(tokenized_docs\.<locals>\.encode|_ids_and_mask)", "encode"),
     (r"prep/build\.py", r"^(tokenized_docs\.<locals>\.messages|tokenized_docs\.<locals>\.chars|batches)$", "read"),
     (r"prep/build\.py", r"^_keep", "long-document policy"),
@@ -457,7 +459,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is shown")
     parser.add_argument("--slice", type=float, default=1.0, help="seconds per slice of build / bare encoder")
     parser.add_argument("--calibrate", action="store_true", help="also slice the bare encoder against itself")
-    parser.add_argument("--jsonl", action="store_true", help="also time the synthetic corpus as jsonl.gz")
+    parser.add_argument("--jsonl", action="store_true", help="also time the synthetic corpus as jsonl.gz (with --against: only)")
     parser.add_argument("--serial", action="store_true", help="instead, the single-thread work per token")
     parser.add_argument("--profile", action="store_true", help="instead, one build under py-spy, by stage")
     parser.add_argument("--work", default=str(ROOT / "bench"), help="where the corpus and shards go")
@@ -476,7 +478,8 @@ def main():
     num_tokens = None if real else int(args.tokens)
 
     started = time.perf_counter()
-    paths = make_real_corpus(work) if real else make_corpus(work, num_tokens, ".parquet")
+    # --against --jsonl races the two on the same rows as jsonl.gz
+    paths = make_real_corpus(work) if real else make_corpus(work, num_tokens, ".jsonl.gz" if args.against and args.jsonl else ".parquet")
     print(f"corpus: {', '.join(f'{p.name} {p.stat().st_size / 1e6:.0f} MB' for p in paths.values())} "
           f"({time.perf_counter() - started:.0f} s); machine: {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.2f} at start", flush=True)
