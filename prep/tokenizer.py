@@ -24,9 +24,8 @@ import json
 import os
 import socket
 import sys
-import threading
 from collections import deque
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import cached_property, lru_cache
 from importlib.metadata import version
 from pathlib import Path
@@ -197,9 +196,11 @@ class Encoder:
         self.kind = "tokenizers" if self.fallback_reason else "fastokens"
         # Loading fastokens takes 1-2 s in Rust, with the GIL released: it runs on a thread of its
         # own while the build gets going (its readers fill their queues); the first encode waits.
-        self._fast, self._loading = fast, None
+        self._fast, self._loading = fast, None  # _loading: the load's Future, until it is taken
         if self.kind == "fastokens" and fast is None:
-            self._loading = _Loading(self.tokenizer_json)
+            loader = ThreadPoolExecutor(1, thread_name_prefix="prep-load-fastokens")
+            self._loading = loader.submit(_load_fastokens, self.tokenizer_json)
+            loader.shutdown(wait=False)  # the load goes on; the thread ends with it
 
     @property
     def fast(self):
@@ -216,7 +217,7 @@ class Encoder:
     def loading(self) -> bool:
         """Whether fastokens is still loading (the build reads further ahead meanwhile)."""
         loading = self._loading
-        return loading is not None and loading.thread.is_alive()
+        return loading is not None and not loading.done()
 
     @cached_property
     def backend(self):
@@ -348,27 +349,6 @@ def _load_fastokens(tokenizer_json: Path):
     import fastokens
 
     return fastokens.Tokenizer.from_file(str(tokenizer_json), **PCRE2_LIMITS)
-
-
-class _Loading:
-    """_load_fastokens on a daemon thread; `result()` waits for it (and raises what it raised)."""
-
-    def __init__(self, tokenizer_json: Path):
-        self.tokenizer, self.error = None, None
-        self.thread = threading.Thread(target=self._load, args=(tokenizer_json,), daemon=True, name="prep-load-fastokens")
-        self.thread.start()
-
-    def _load(self, tokenizer_json: Path) -> None:
-        try:
-            self.tokenizer = _load_fastokens(tokenizer_json)
-        except BaseException as error:
-            self.error = error
-
-    def result(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.tokenizer
 
 
 def _byte_level_lengths(backend) -> np.ndarray | None:
