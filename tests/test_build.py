@@ -285,3 +285,37 @@ def test_readers_start_at_once_and_read_further_ahead_only_while_the_tokenizer_l
     assert len(produced) == 11
     assert [batch.first_row for batch in stream] == list(range(1, 40))
     stream.close()
+
+
+def test_while_the_tokenizer_loads_the_readers_take_turns():
+    """During the load each ReadAhead makes a batch only holding one of the shared turns (the load
+    keeps a core to itself); once it has loaded, the readers read side by side."""
+    import threading
+    import time
+
+    from prep.build import ReadAhead
+    from prep.sources import Batch
+
+    lock, busy, most = threading.Lock(), [0], [0]
+
+    def batches(source: int):
+        for index in range(6):
+            with lock:
+                busy[0] += 1
+                most[0] = max(most[0], busy[0])
+            time.sleep(0.05)  # reading, checking, rendering one batch
+            with lock:
+                busy[0] -= 1
+            yield Batch(source, index, 1, text_bytes=np.array([10]))
+
+    def read_both(loading: bool) -> int:
+        busy[0] = most[0] = 0
+        turns = threading.Semaphore(1)
+        readers = [ReadAhead(batches(source), depth=6, warm_up=lambda: loading, warm_up_bytes=1000,
+                             warm_up_turns=turns) for source in range(2)]
+        for source, reader in enumerate(readers):
+            assert [(batch.source, batch.first_row) for batch in reader] == [(source, row) for row in range(6)]
+        return most[0]
+
+    assert read_both(loading=True) == 1
+    assert read_both(loading=False) == 2
