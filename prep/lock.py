@@ -34,11 +34,17 @@ class Locked(ValueError):
 def lock_build(out: Path):
     """Hold the build lock of `out` (created if needed) for the duration of the block; raises Locked
     at once when another build holds it."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a directory; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:  # no permission, a file where a parent directory should be, a read-only disk
+        if is_disk_full(error):
+            raise disk_full("build lock", path, 4096) from None  # a directory block
+        where = "" if error.filename in (None, str(out)) else f" ({error.filename})"
+        raise ValueError(f"can't create --out {out}: {error.strerror}{where}; choose a directory you can write to") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

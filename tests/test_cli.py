@@ -31,6 +31,7 @@ def test_sample_build_offline(tmp_path):
     (["--mix", "a=1", "--source", "a=/no/such/*.jsonl"], "matches no file"),
     (["--mix", "a=1", "--source", "b=x.jsonl"], "--mix doesn't use"),
     (["--packing", "zigzag"], "zigzag"),
+    (["--sample", "--tokenizer", "/no/such/tokenizer"], "can't load tokenizer '/no/such/tokenizer'"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, message):
     result = runner.invoke(app, ["build", "--out", str(tmp_path / "o"), "--no-progress", *args])
@@ -38,6 +39,15 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "o").exists()  # checked before any work
+
+
+def test_an_out_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    for out in (tmp_path / "file", tmp_path / "file" / "shards"):
+        result = runner.invoke(app, ["build", "--sample", "--no-progress", "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert f"--out {out}" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "file").read_text() == "not a directory"
 
 
 def test_help_shows_examples():
