@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from prep.inspection import read_layout
+from prep.shards import atomic_file
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
 def plot(out_dir, png) -> Path:
-    """Write the overview PNG of a build to `png` and return its path."""
+    """Write the overview PNG of a build to `png` (whole, then renamed) and return its path."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -88,6 +89,9 @@ def plot(out_dir, png) -> Path:
     fig.tight_layout()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_file(png) as f:  # a plot that fails midway leaves the previous one whole
+            fig.savefig(f, dpi=110, format=png.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return png

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from prep.build import BuildConfig, build
 from prep.cli import app
 from prep.inspection import inspect, show
+from prep.plot import plot
 from prep.shards import schema, sha256_file
 from prep.verify import Problem, verify
 
@@ -307,6 +308,23 @@ def test_plot_writes_a_png(shards, tmp_path):
 
     height, width, _ = matplotlib.image.imread(out).shape
     assert width > 1000 and height > 700
+
+
+def test_a_plot_that_fails_midway_leaves_the_previous_png_whole(shards, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    out = tmp_path / "shards.png"
+    assert prep("plot", shards, "-o", out).exit_code == 0
+    before = out.read_bytes()
+
+    def interrupted(figure, file, **kwargs):  # half a PNG, then the disk or the process gives out
+        (open(file, "wb") if isinstance(file, (str, Path)) else file).write(before[: len(before) // 2])
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    with pytest.raises(OSError, match="interrupted"):
+        plot(shards, out)
+    assert out.read_bytes() == before and [path.name for path in tmp_path.iterdir()] == ["shards.png"]
 
 
 # --- errors ---------------------------------------------------------------------------------------
