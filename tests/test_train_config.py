@@ -140,9 +140,19 @@ def test_transformers5_warmup_steps_and_yaml_nulls(tmp_path):
     assert cfg.warmup_steps == 100
 
 
+@pytest.mark.parametrize("text, precision", [
+    ("torch_dtype: bfloat16\n", "bf16"), ("bf16: true\n", "bf16"), ("torch_dtype: float32\n", "fp32"),
+    ("dtype: float32\nbf16: false\n", "fp32"), ("torch_dtype: auto\n", TrainConfig.precision),
+])
+def test_recipe_dtypes_set_the_precision(tmp_path, text, precision):
+    assert parse_args(["--shards", "s", "--recipe", recipe(tmp_path, text)], warn=lambda m: None).precision == precision
+
+
 @pytest.mark.parametrize("text, message", [
     ("lr_scheduler_type: linear\n", "not supported"),
     ("fp16: true\n", "fp16 is not supported"),
+    ("torch_dtype: float16\n", "torch_dtype: float16 is not supported; use bfloat16, float32 or auto"),
+    ("dtype: half\n", "dtype: half is not supported"),
     ("packing: false\n", "always uses packing"),
     ("num_train_epochs: many\n", "must be of type int"),
     ("gradient_checkpointing: 1\n", "true or false"),

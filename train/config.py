@@ -232,13 +232,18 @@ def read_recipe(path: str) -> tuple[dict, list[str]]:
             if "min_lr_rate" in kwargs:
                 ours["min_lr_ratio"] = kwargs.pop("min_lr_rate")
             unused += [f"lr_scheduler_kwargs.{k}" for k in kwargs]
-        elif key in ("bf16", "fp16", "torch_dtype", "dtype"):
+        elif key in ("bf16", "fp16"):
             if key == "fp16" and value:
                 raise ValueError(f"{path}: fp16 is not supported; use bf16: true")
-            if (key == "bf16" and value) or value in ("bfloat16", "bf16"):
+            if key == "bf16" and value:
+                ours["precision"] = "bf16"
+        elif key in ("torch_dtype", "dtype"):  # the model's weights: bf16 or fp32 here, "auto" = the default
+            if value in ("bfloat16", "bf16"):
                 ours["precision"] = "bf16"
             elif value in ("float32", "fp32"):
                 ours["precision"] = "fp32"
+            elif value != "auto":
+                raise ValueError(f"{path}: {key}: {value} is not supported; use bfloat16, float32 or auto")
         elif key in RECIPE_BUILT_IN:
             if RECIPE_BUILT_IN[key] is not None and value != RECIPE_BUILT_IN[key]:
                 raise ValueError(f"{path}: {key}: {value} is not supported; this trainer always uses {key}: {RECIPE_BUILT_IN[key]}")
