@@ -9,7 +9,8 @@ tokenizing them, and continues; because every step is deterministic it writes th
 uninterrupted run writes.
 
 Files: `.prep-state.json` names `.prep-state-NNNNN.npz`; the npz is written first and the json
-replaces the old one atomically, so a kill at any moment, or a full disk, leaves a consistent pair.
+replaces the old one atomically, so a kill at any moment, or a full disk, leaves a consistent pair
+(a kill during the very first save leaves an npz and no json: the rerun removes it and starts).
 No pickles: `np.load(allow_pickle=False)`.
 
 The state also records the size and mtime of every local input file: a resumed build that would
@@ -58,8 +59,13 @@ def prepare(out: Path, overwrite: bool, build_id: str, inputs: list) -> tuple[di
             if path.name not in done:
                 path.unlink()
         return None, saved
-    if ours:
+    # Without a state json (the commit point of every save), files of ours are the remains of a first
+    # save that was killed before its json: nothing to resume, and not another build's.
+    leftovers = [path for path in ours if path.name.startswith(".prep-state")]
+    if len(ours) > len(leftovers):
         raise ValueError(f"{out} holds shard files of an unknown build; pass --overwrite or choose another --out")
+    for path in leftovers:
+        path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return None, None
 

@@ -127,6 +127,21 @@ def test_the_lock_of_a_killed_build_does_not_block(tmp_path, corpus, reference):
     assert files(out) == reference
 
 
+def test_a_first_state_save_killed_before_its_json_does_not_block(tmp_path, corpus, reference):
+    """SIGKILL between the first resume state's arrays and its json (the commit point) leaves files
+    that name no build: the rerun clears them and builds, where it used to refuse the directory."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".prep-state-00000.npz").write_bytes(b"PK\x03\x04 the arrays of a save killed before its json")
+    (out / ".prep-state.json.tmp").write_text('{"build_id": ')
+    build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=quiet)
+    assert files(out) == reference
+    (out / "shard-00009.arrow").write_bytes(b"someone else's")  # shards without a state or manifest: refused
+    (out / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="shard files of an unknown build"):
+        build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=quiet)
+
+
 def test_verify_ignores_the_lock_file_only(tmp_path, corpus):
     out = tmp_path / "out"
     build(BuildConfig(out=str(out), sources=corpus, **SMALL), log=quiet)
