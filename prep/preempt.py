@@ -12,7 +12,8 @@ redoing only the unfinished shard. The first clean point is before the stages st
 resume state is first saved; the tokenizer (~2 s for SmolLM3's, one call into Rust) loads on a
 thread of its own meanwhile, so a signal that comes later in start-up waits for the first shard.
 On the embedded sample (scripts/chaos_prep.py --term 10), signal to exit took 0.08 to 2.0 s,
-median 0.52 s (0.06 to 1.7 s, median 0.56 s, when the tokenizer loaded before anything else ran).
+median 0.52 s (0.06 to 1.7 s, median 0.56 s, when builds still waited for the tokenizer's load
+before their first state save).
 
 Python runs signal handlers on the main thread only; the reader threads and the encoder pool
 don't see the signal, and stop when the build's main thread unwinds (build.py closes them).
