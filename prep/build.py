@@ -171,7 +171,7 @@ def run(cfg: BuildConfig, shares: dict[str, float], sources: list[Source], encod
     try:  # the stages: one chain per source up to the mixer (module docstring)
         # while the tokenizer loads, the readers take turns on the cores it leaves free: with every
         # reader on a core of its own, the load took 2.4 s instead of 1.6 on 2 cores
-        turns = threading.Semaphore(max(1, (os.cpu_count() or 1) - 1))
+        turns = Turns(max(1, (os.cpu_count() or 1) - 1))
         readers = [ReadAhead(render(check(read(source.spec, index, given.rows_read)), spans=cfg.loss_on == "assistant"),
                              warm_up=encoder.loading, warm_up_bytes=WARM_UP_BYTES // len(sources), warm_up_turns=turns)
                    for index, (source, given) in enumerate(zip(sources, stats))]
@@ -238,9 +238,9 @@ class ReadAhead:
     bytes don't change; `close()` stops the thread."""
 
     def __init__(self, batches: Iterator[Batch], depth: int = 4, warm_up=lambda: False, warm_up_bytes: int = 0,
-                 warm_up_turns: threading.Semaphore | None = None):
+                 warm_up_turns: "Turns | None" = None):
         self.depth, self.warm_up, self.warm_up_bytes = depth, warm_up, warm_up_bytes
-        self.warm_up_turns = warm_up_turns or threading.Semaphore(1)
+        self.warm_up_turns = warm_up_turns or Turns(1)
         self.queue: deque = deque()  # (batch, or None at the end, or an error; its bytes of text)
         self.queued_bytes = 0
         self.changed = threading.Condition()  # an item in, or one out
@@ -283,7 +283,7 @@ class ReadAhead:
     def _produce(self, batches: Iterator[Batch]) -> None:
         try:
             while True:
-                with self.warm_up_turns if self.warm_up() else contextlib.nullcontext():
+                with self.warm_up_turns.turn() if self.warm_up() else contextlib.nullcontext():
                     batch = next(batches, None)
                 if batch is None:
                     break
@@ -293,6 +293,33 @@ class ReadAhead:
             self._put(None)
         except BaseException as error:  # raised again on the consuming thread
             self._put(error)
+
+
+class Turns:
+    """`slots` turns, handed out in the order they are asked for. (A Semaphore lets the thread that
+    gives one back take it again at once, so one source could read all its warm-up before another
+    read any.)"""
+
+    def __init__(self, slots: int):
+        self.free = slots
+        self.waiting: deque = deque()  # one token per thread waiting for a turn, first come first
+        self.changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def turn(self):
+        with self.changed:
+            token = object()
+            self.waiting.append(token)
+            self.changed.wait_for(lambda: self.free and self.waiting[0] is token)
+            self.waiting.popleft()
+            self.free -= 1
+            self.changed.notify_all()  # the next in line may have a free slot too
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.free += 1
+                self.changed.notify_all()
 
 
 def snapshot_state(stats: list[SourceStats], mixer: Mixer, packer: BfdPacker | WrappedPacker) -> tuple:

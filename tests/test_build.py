@@ -287,22 +287,24 @@ def test_readers_start_at_once_and_read_further_ahead_only_while_the_tokenizer_l
     stream.close()
 
 
-def test_while_the_tokenizer_loads_the_readers_take_turns():
+def test_while_the_tokenizer_loads_the_readers_take_turns_in_order():
     """During the load each ReadAhead makes a batch only holding one of the shared turns (the load
-    keeps a core to itself); once it has loaded, the readers read side by side."""
+    keeps a core to itself), and the sources alternate rather than one reading all its warm-up
+    first; once the tokenizer has loaded, the readers read side by side."""
     import threading
     import time
 
-    from prep.build import ReadAhead
+    from prep.build import ReadAhead, Turns
     from prep.sources import Batch
 
-    lock, busy, most = threading.Lock(), [0], [0]
+    lock, busy, most, order = threading.Lock(), [0], [0], []
 
     def batches(source: int):
         for index in range(6):
             with lock:
                 busy[0] += 1
                 most[0] = max(most[0], busy[0])
+                order.append(source)
             time.sleep(0.05)  # reading, checking, rendering one batch
             with lock:
                 busy[0] -= 1
@@ -310,7 +312,8 @@ def test_while_the_tokenizer_loads_the_readers_take_turns():
 
     def read_both(loading: bool) -> int:
         busy[0] = most[0] = 0
-        turns = threading.Semaphore(1)
+        order.clear()
+        turns = Turns(1)
         readers = [ReadAhead(batches(source), depth=6, warm_up=lambda: loading, warm_up_bytes=1000,
                              warm_up_turns=turns) for source in range(2)]
         for source, reader in enumerate(readers):
@@ -318,4 +321,6 @@ def test_while_the_tokenizer_loads_the_readers_take_turns():
         return most[0]
 
     assert read_both(loading=True) == 1
+    switches = sum(a != b for a, b in zip(order, order[1:]))
+    assert switches >= 9, order  # 0 1 0 1 ...: 11 switches, give or take the start
     assert read_both(loading=False) == 2
