@@ -17,12 +17,12 @@ type) costs one counted row, not the build.
 (check.py: messages; render.py: text; tokenizer.py: ids; pack.py: the long-document policy).
 """
 
-import codecs
 import glob
 import gzip
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -41,11 +41,9 @@ BATCH_ROWS = 128  # rows per batch read: a few MB of text, so batches stay small
 ROW_COLUMNS = ("messages", "conversations", "input", "output")
 JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 DATA_SUFFIXES = (*JSON_SUFFIXES, ".parquet", ".arrow")
-# Bytes that are not UTF-8 decode to this noncharacter, so the row is counted as invalid_utf8.
-INVALID_UTF8_MARK = "\U0010fffe"
-codecs.register_error("prep-mark-invalid", lambda err: (INVALID_UTF8_MARK, err.end))
+READ_BYTES = 1 << 20  # bytes of a JSON lines file read (or gunzipped) at a time
 # A JSON escape of a UTF-16 surrogate; unpaired, it decodes to a str that is not valid Unicode.
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 
 class Reject(Exception):
@@ -177,25 +175,28 @@ def _file_tables(files: list[str], kind: str, start: int) -> Iterator[pa.RecordB
     import pyarrow.parquet as pq
 
     for path in files:
-        if kind == "parquet":
-            reader = pq.ParquetFile(path, pre_buffer=False)
-            metadata = reader.metadata
-            groups = list(range(metadata.num_row_groups))
-            while groups and start >= (group_rows := metadata.row_group(groups[0]).num_rows):
-                start -= group_rows  # whole row groups before the resume point are never read
-                groups.pop(0)
-            if not groups:
-                continue
-            columns = [name for name in reader.schema_arrow.names if name in ROW_COLUMNS] or None
-            batches = reader.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=columns, use_threads=False)
-        else:
-            batches = _ipc_batches(path)
-        for table in batches:
-            if start >= table.num_rows:
-                start -= table.num_rows
-                continue
-            yield from _split(table.slice(start))
-            start = 0
+        try:
+            if kind == "parquet":
+                reader = pq.ParquetFile(path, pre_buffer=False)
+                metadata = reader.metadata
+                groups = list(range(metadata.num_row_groups))
+                while groups and start >= (group_rows := metadata.row_group(groups[0]).num_rows):
+                    start -= group_rows  # whole row groups before the resume point are never read
+                    groups.pop(0)
+                if not groups:
+                    continue
+                columns = [name for name in reader.schema_arrow.names if name in ROW_COLUMNS] or None
+                batches = reader.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=columns, use_threads=False)
+            else:
+                batches = _ipc_batches(path)
+            for table in batches:
+                if start >= table.num_rows:
+                    start -= table.num_rows
+                    continue
+                yield from _split(table.slice(start))
+                start = 0
+        except (OSError, pa.ArrowException) as error:
+            raise _damaged(path, error) from None
 
 
 def _ipc_batches(path: str) -> Iterator[pa.RecordBatch]:
@@ -208,6 +209,12 @@ def _ipc_batches(path: str) -> Iterator[pa.RecordBatch]:
         yield from (reader.get_batch(index) for index in range(reader.num_record_batches))
         return
     yield from reader
+
+
+def _damaged(path: str, error: Exception) -> ValueError:
+    reason = " ".join(str(error).split())  # one line: Arrow's messages end in a newline
+    return ValueError(f"can't read {path}: {reason}; the file is cut short, damaged or not what its name says: "
+                      "download it again, or leave it out of --source")
 
 
 def _split(table: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
@@ -229,33 +236,65 @@ def _json_batches(files: list[str], source: int, start: int) -> Iterator[Batch]:
     """JSON lines parsed into dicts (or a Reject each), BATCH_ROWS rows a batch; blank lines are not rows."""
     row, items = 0, []
     for path in files:
-        opener = gzip.open if path.endswith(".gz") else open
-        # text mode: universal newlines, as `datasets` reads text; invalid bytes become a mark
-        with opener(path, "rt", encoding="utf-8", errors="prep-mark-invalid") as lines:
-            for line in lines:
-                if not line.strip():
-                    continue
-                row += 1
-                if row <= start:
-                    continue
-                items.append(_parse(line))
-                if len(items) == BATCH_ROWS:
-                    yield Batch(source, row - len(items), len(items), lines=items)
-                    items = []
+        for raw in _raw_lines(path):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = None
+            if line is not None and (not line or line.isspace()):
+                continue
+            row += 1
+            if row <= start:
+                continue
+            items.append(Reject("invalid_utf8") if line is None else _parse(line, raw))
+            if len(items) == BATCH_ROWS:
+                yield Batch(source, row - len(items), len(items), lines=items)
+                items = []
     if items:
         yield Batch(source, row - len(items), len(items), lines=items)
 
 
-def _parse(line: str) -> dict | Reject:
-    if INVALID_UTF8_MARK in line:
-        return Reject("invalid_utf8")
+def _raw_lines(path: str) -> Iterator[bytes]:
+    """The lines of a text file as bytes, ends left out, split as Python's text mode splits them
+    (universal newlines, as `datasets` reads text: "\n", "\r\n" and a lone "\r" each end a line).
+    Read as bytes a MB at a time and split on b"\n", then decoded line by line: cheaper than a
+    TextIOWrapper over gzip (8 KB reads, its own line search, both under the GIL), and a line with
+    bytes that aren't UTF-8 fails its strict decode (invalid_utf8) instead of being searched for a
+    mark. A .gz that is cut short or not gzip is a ValueError naming the file (`_damaged`)."""
+    pending: list[bytes] = []  # the start of a line that a later chunk ends
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as file:
+            while chunk := file.read(READ_BYTES):
+                *complete, last = chunk.split(b"\n")
+                if complete:
+                    if pending:
+                        complete[0] = b"".join([*pending, complete[0]])
+                        pending = []
+                    for line in complete:
+                        yield from _split_cr(line)
+                if last:
+                    pending.append(last)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise _damaged(path, error) from None
+    if pending:
+        yield from _split_cr(b"".join(pending))
+
+
+def _split_cr(line: bytes) -> list[bytes]:
+    if b"\r" not in line:
+        return [line]
+    parts = line.split(b"\r")
+    return parts[:-1] if parts[-1] == b"" else parts  # "\r\n" ends one line, not two
+
+
+def _parse(line: str, raw: bytes) -> dict | Reject:
     try:
         obj = json.loads(line)
     except ValueError:
         return Reject("bad_json")
     if not isinstance(obj, dict):
         return Reject("not_an_object")
-    if "\\u" in line and SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(obj):
+    if b"\\u" in raw and SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):
         return Reject("lone_surrogate")
     return obj
 

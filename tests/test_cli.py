@@ -137,3 +137,17 @@ def test_a_new_settings_field_becomes_an_option_with_no_other_edit():
     result = runner.invoke(toy_app, ["--shape", "oval"])
     assert result.exit_code != 0 and isinstance(result.exception, ValueError)
     assert str(result.exception) == "--shape must be one of round, square, not 'oval'"
+
+
+def test_a_damaged_source_file_is_one_line(tmp_path):
+    """Found while reading (a reader thread), after --out exists: still one line, exit 2."""
+    import gzip
+
+    rows = b"".join(b'{"messages": [{"role": "user", "content": "row %d"}]}\n' % i for i in range(2000))
+    data = gzip.compress(rows)
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    result = runner.invoke(app, ["build", "--mix", "a=1", "--source", f"a={tmp_path / 'cut.jsonl.gz'}",
+                                 "--out", str(tmp_path / "o"), "--seq-len", "512", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: can't read {tmp_path / 'cut.jsonl.gz'}: ")

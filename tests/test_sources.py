@@ -2,6 +2,7 @@
 Python paths alike) and ChatML rendering."""
 
 import gzip
+import io
 import json
 
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pytest
 
 from prep.check import check, messages_array, to_messages
 from prep.render import chatml
+import prep.sources
 from prep.sources import BATCH_ROWS, ROW_COLUMNS, Reject, local_files, read, resolve_sources
 
 
@@ -147,6 +149,61 @@ def test_broken_lines_are_counted_not_fatal(tmp_path):
     rows = list(iter_rows(str(path)))
     reasons = [r.args[0] if isinstance(r, Reject) else "ok" for r in rows]
     assert reasons == ["ok", "bad_json", "bad_json", "not_an_object", "invalid_utf8", "ok"]
+
+
+# Line ends of every kind, blank and whitespace-only lines (ASCII and not), invalid bytes next to a
+# line end, a BOM, and separators that text mode does not split on (U+0085, U+2028).
+AWKWARD = (b'{"a": 1}\r\n\r\n  \n{"b":\r"x"}\n\xe3\x80\n\xe3\x80\x80\n\xef\xbb\xbf{"c": 2}\r\r\n'
+           b'\xc2\x85\xe2\x80\xa8{"d": "\xff"}\n\r\r{"e": 3}\n\n\n{"f": 4}\r')
+
+
+@pytest.mark.parametrize("name", ["awkward.jsonl", "awkward.jsonl.gz"])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_json_lines_split_and_decode_as_text_mode_does(tmp_path, monkeypatch, name, chunk):
+    """Lines are read as bytes and split on b"\\n" (prep.sources._raw_lines), a chunk at a time:
+    the rows must be those Python's text mode gives (universal newlines), whatever the chunk size,
+    and a .gz may hold several gzip members."""
+    path = tmp_path / name
+    half = len(AWKWARD) // 2
+    path.write_bytes(gzip.compress(AWKWARD[:half]) + gzip.compress(AWKWARD[half:]) if name.endswith(".gz") else AWKWARD)
+    monkeypatch.setattr(prep.sources, "READ_BYTES", chunk)
+    text_mode = io.TextIOWrapper(io.BytesIO(AWKWARD), encoding="utf-8", errors="surrogateescape")
+    expected = []
+    for line in text_mode:
+        if not line.strip():
+            continue  # a blank line is not a row
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # surrogateescape kept a byte that is not UTF-8
+            expected.append("invalid_utf8")
+            continue
+        try:
+            expected.append(to_messages(json.loads(line)) if isinstance(json.loads(line), dict) else "not_an_object")
+        except ValueError:
+            expected.append("bad_json")
+        except Reject as reject:
+            expected.append(reject.args[0])
+    assert len(expected) == 8 and expected.count("invalid_utf8") == 2 and expected.count("bad_json") == 3
+    assert [r.args[0] if isinstance(r, Reject) else r for r in iter_rows(str(path))] == expected
+
+
+def test_a_damaged_source_file_is_one_clear_error(tmp_path):
+    """Cut short, overwritten in the middle, a wrong CRC, not the kind its name says: a ValueError that
+    names the file (the CLI prints it as one line), not a traceback from gzip or Arrow."""
+    rows = [SMOLTALK] * 500
+    data = gzip.compress(b"".join(json.dumps(row).encode() + b"\n" for row in rows))
+    crc = bytearray(data)
+    crc[-8] ^= 0xFF  # the CRC in the gzip trailer
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "good.parquet", row_group_size=50)
+    parquet = (tmp_path / "good.parquet").read_bytes()
+    middle = len(parquet) // 2
+    damaged = {"cut.jsonl.gz": data[: len(data) // 2], "plain.jsonl.gz": b"not gzip at all\n", "crc.jsonl.gz": bytes(crc),
+               "cut.parquet": parquet[:middle], "zeroed.parquet": parquet[:middle] + bytes(2000) + parquet[middle + 2000:],
+               "text.arrow": b"not arrow\n"}
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"can't read .*{name}: .*download it again"):
+            list(read(str(tmp_path / name)))
 
 
 def test_invalid_utf8_in_parquet_is_counted_not_fatal(tmp_path):
