@@ -26,6 +26,7 @@ DiskFull), resumable once there is space; changed local inputs refuse a resume (
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -53,7 +54,8 @@ from prep.sources import Batch, Source, check_spec, local_files, num_rows, read,
 from prep.tokenizer import DEFAULT_TOKENIZER, Encoder, encode, load_encoder
 
 # Text the readers may read ahead, all sources together, while the tokenizer loads (1-2 s in which
-# nothing can be encoded): about what one core reads, checks and renders meanwhile.
+# nothing can be encoded): about what one core reads, checks and renders meanwhile. Each source
+# gets its share of the mix, so that all are as far along when encoding starts.
 WARM_UP_BYTES = 128 << 20
 
 
@@ -173,7 +175,8 @@ def run(cfg: BuildConfig, shares: dict[str, float], sources: list[Source], encod
         # reader on a core of its own, the load took 2.4 s instead of 1.6 on 2 cores
         turns = Turns(max(1, (os.cpu_count() or 1) - 1))
         readers = [ReadAhead(render(check(read(source.spec, index, given.rows_read)), spans=cfg.loss_on == "assistant"),
-                             warm_up=encoder.loading, warm_up_bytes=WARM_UP_BYTES // len(sources), warm_up_turns=turns)
+                             warm_up=encoder.loading, warm_up_bytes=int(WARM_UP_BYTES * shares[source.name]),
+                             warm_up_turns=turns)
                    for index, (source, given) in enumerate(zip(sources, stats))]
         streams = [documents(long_documents(encode(reader, encoder, pool, in_flight=workers + 2,
                                                    budget=cfg.max_tokens * shares[source.name] if cfg.max_tokens else None,
@@ -234,8 +237,8 @@ class ReadAhead:
     cap a build at ~45M tokens/s (`scripts/bench_prep.py --serial`). While `warm_up()` holds (the
     tokenizer is loading: 1-2 s in which nothing can be encoded) it reads on, up to `warm_up_bytes`
     of text, so that time isn't lost to reading later, each batch holding one of `warm_up_turns`
-    (shared by the build's readers) so that the load keeps a core to itself. Order is kept, so the
-    bytes don't change; `close()` stops the thread."""
+    (shared by the build's readers, the one furthest behind first) so that the load keeps a core to
+    itself. Order is kept, so the bytes don't change; `close()` stops the thread."""
 
     def __init__(self, batches: Iterator[Batch], depth: int = 4, warm_up=lambda: False, warm_up_bytes: int = 0,
                  warm_up_turns: "Turns | None" = None):
@@ -243,6 +246,7 @@ class ReadAhead:
         self.warm_up_turns = warm_up_turns or Turns(1)
         self.queue: deque = deque()  # (batch, or None at the end, or an error; its bytes of text)
         self.queued_bytes = 0
+        self.read_bytes = 0  # of text, since the start: how far along its warm-up this reader is
         self.changed = threading.Condition()  # an item in, or one out
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._produce, args=(batches,), daemon=True, name="prep-reader")
@@ -283,11 +287,14 @@ class ReadAhead:
     def _produce(self, batches: Iterator[Batch]) -> None:
         try:
             while True:
-                with self.warm_up_turns.turn() if self.warm_up() else contextlib.nullcontext():
+                behind = self.read_bytes / max(1, self.warm_up_bytes)
+                with self.warm_up_turns.turn(behind) if self.warm_up() else contextlib.nullcontext():
                     batch = next(batches, None)
                 if batch is None:
                     break
-                self._put(batch, 0 if batch.text_bytes is None else int(batch.text_bytes.sum()))
+                num_bytes = 0 if batch.text_bytes is None else int(batch.text_bytes.sum())
+                self.read_bytes += num_bytes
+                self._put(batch, num_bytes)
                 if self.stopped.is_set():
                     return
             self._put(None)
@@ -296,22 +303,26 @@ class ReadAhead:
 
 
 class Turns:
-    """`slots` turns, handed out in the order they are asked for. (A Semaphore lets the thread that
-    gives one back take it again at once, so one source could read all its warm-up before another
-    read any.)"""
+    """`slots` turns, each given to the waiting reader furthest behind: the least share of its
+    warm-up read so far, the first to ask on a tie. (First come first served, the sources took
+    turns batch by batch, and a source whose rows are longer read more bytes per turn: on the
+    peers' corpus OT3's rows are 2.5x Nemotron's, so OT3 filled its warm-up while Nemotron was
+    left to read alone after the load, holding the build back. A Semaphore was worse: the thread
+    that gave a turn back took it again at once.)"""
 
     def __init__(self, slots: int):
         self.free = slots
-        self.waiting: deque = deque()  # one token per thread waiting for a turn, first come first
+        self.waiting: list = []  # (how far behind, arrival) per thread waiting for a turn
+        self.arrivals = itertools.count()
         self.changed = threading.Condition()
 
     @contextlib.contextmanager
-    def turn(self):
+    def turn(self, behind: float = 0.0):
         with self.changed:
-            token = object()
+            token = (behind, next(self.arrivals))
             self.waiting.append(token)
-            self.changed.wait_for(lambda: self.free and self.waiting[0] is token)
-            self.waiting.popleft()
+            self.changed.wait_for(lambda: self.free and min(self.waiting) == token)
+            self.waiting.remove(token)
             self.free -= 1
             self.changed.notify_all()  # the next in line may have a free slot too
         try:
