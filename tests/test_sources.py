@@ -187,6 +187,15 @@ def test_json_lines_split_and_decode_as_text_mode_does(tmp_path, monkeypatch, na
     assert [r.args[0] if isinstance(r, Reject) else r for r in iter_rows(str(path))] == expected
 
 
+def test_a_noncharacter_is_text_in_every_file_kind(tmp_path):
+    """U+10FFFE is valid UTF-8 (a noncharacter, not an error): JSON lines keep it as parquet does.
+    (The text-mode reader marked bad bytes with it, so a row holding it was counted invalid_utf8.)"""
+    row = {"messages": [{"role": "user", "content": "odd \U0010fffe char"}]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "rows.parquet")
+    assert iter_rows(str(tmp_path / "rows.jsonl")) == iter_rows(str(tmp_path / "rows.parquet")) == [to_messages(row)]
+
+
 def test_a_damaged_source_file_is_one_clear_error(tmp_path):
     """Cut short, overwritten in the middle, a wrong CRC, not the kind its name says: a ValueError that
     names the file (the CLI prints it as one line), not a traceback from gzip or Arrow."""
